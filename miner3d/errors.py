@@ -1,0 +1,20 @@
+"""User-facing errors.
+
+Everything that a user can cause (a missing file, a bad value, too little memory) raises
+:class:`MinerError` with a one-line message. The CLI prints that line and exits non-zero;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class MinerError(Exception):
+    """An error caused by the input or the environment, explained in one line."""
+
+    exit_code: int = 2
+
+
+class OutOfMemoryError(MinerError):
+    """The requested job would not fit in the memory available (checked before allocating)."""
+
+    exit_code = 3

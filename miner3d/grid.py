@@ -1,0 +1,203 @@
+"""The one coordinate convention of miner3d, and the occupancy grid that carries it.
+
+Convention (used by every module through this one):
+
+* **Cell-centred voxels.** Voxel ``i`` along an axis covers the continuous grid interval
+  ``[i, i + 1)`` and is sampled at its centre ``i + 0.5``. This is the convention of
+  ``torch.nn.functional.interpolate(..., align_corners=False)`` and ``grid_sample`` with
+  ``align_corners=False``, which the core uses for up- and downsampling. The normalised
+  coordinate of a continuous grid position ``g`` on an axis of ``n`` voxels is
+  ``u = 2 g / n - 1``, so the grid spans exactly ``[-1, 1]`` and voxel centres sit at
+  ``(2 i + 1) / n - 1``.
+* **Cubic voxels, non-cubic grids.** ``resolution`` is the voxel count along the mesh's
+  longest axis (margin included); the other axes get as many voxels as the margined bounding
+  box needs, so a statue that fills 19 % of its bounding cube costs 19 % of ``N^3``.
+  ``cube=True`` gives the classic ``N^3`` grid with the mesh centred in it.
+* **Axis order.** Array axis ``k`` of a grid is input axis ``k`` (array index ``[i, j, k]``
+  is input ``(x, y, z)``); :attr:`GridTransform.axes` records this as ``"xyz"``.
+* **One transform.** A :class:`GridTransform` (origin, voxel size, shape) is stored with
+  every grid file and every model, and :meth:`GridTransform.grid_to_world` /
+  :meth:`GridTransform.world_to_grid` are the only maps between grid and input coordinates::
+
+      world = origin + voxel_size * g          (g: continuous grid coordinate)
+      voxel centre of index i: g = i + 0.5
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import MinerError
+
+GRID_FORMAT_VERSION = 1
+MIN_RESOLUTION = 8
+MAX_RESOLUTION = 8192
+
+
+@dataclass(frozen=True)
+class GridTransform:
+    """Map between grid coordinates and the input's own coordinates.
+
+    Attributes:
+        origin: world position of grid coordinate 0 (the corner of voxel 0), length ``d``.
+        voxel_size: edge length of one (cubic) voxel in input units.
+        shape: voxels per axis, length ``d``.
+        axes: which input axis each array axis holds (``"xyz"`` for 3D, ``"xy"`` for 2D).
+    """
+
+    origin: tuple[float, ...]
+    voxel_size: float
+    shape: tuple[int, ...]
+    axes: str = "xyz"
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def grid_to_world(self, g: np.ndarray) -> np.ndarray:
+        """Continuous grid coordinates ``(..., d)`` to input coordinates ``(..., d)`` (float64)."""
+        return np.asarray(self.origin) + self.voxel_size * np.asarray(g, dtype=np.float64)
+
+    def world_to_grid(self, x: np.ndarray) -> np.ndarray:
+        """Input coordinates ``(..., d)`` to continuous grid coordinates ``(..., d)`` (float64)."""
+        return (np.asarray(x, dtype=np.float64) - np.asarray(self.origin)) / self.voxel_size
+
+    def world_to_normalized(self, x: np.ndarray) -> np.ndarray:
+        """Input coordinates ``(..., d)`` to ``[-1, 1]`` per axis (``align_corners=False``)."""
+        return 2.0 * self.world_to_grid(x) / np.asarray(self.shape, dtype=np.float64) - 1.0
+
+    def voxel_centers(self, axis: int) -> np.ndarray:
+        """Input coordinates of the voxel centres along one axis, shape ``(shape[axis],)``."""
+        return self.origin[axis] + self.voxel_size * (np.arange(self.shape[axis]) + 0.5)
+
+    @property
+    def bounds(self) -> np.ndarray:
+        """``(2, d)`` array: the grid's lower and upper corners in input coordinates."""
+        lo = np.asarray(self.origin, dtype=np.float64)
+        return np.stack([lo, lo + self.voxel_size * np.asarray(self.shape)])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GridTransform:
+        return cls(
+            origin=tuple(float(v) for v in d["origin"]),
+            voxel_size=float(d["voxel_size"]),
+            shape=tuple(int(v) for v in d["shape"]),
+            axes=str(d.get("axes", "xyz")),
+        )
+
+    @classmethod
+    def fit_bounds(
+        cls, bounds: np.ndarray, resolution: int, margin: int = 2, cube: bool = False
+    ) -> GridTransform:
+        """The grid for an object with the given bounding box.
+
+        Args:
+            bounds: ``(2, d)`` lower and upper corners of the object, input units.
+            resolution: voxels along the longest axis, ``margin`` empty voxels per side included.
+            margin: empty voxels kept on each side of the longest axis (so surfaces close).
+            cube: give every axis ``resolution`` voxels (the classic ``N^3`` grid).
+        """
+        check_resolution(resolution)
+        if not 0 <= 2 * margin < resolution:
+            raise MinerError(f"margin {margin} leaves no room in a grid of {resolution} voxels")
+        bounds = np.asarray(bounds, dtype=np.float64)
+        extent = bounds[1] - bounds[0]
+        longest = float(extent.max())
+        if not np.all(np.isfinite(extent)) or longest <= 0:
+            raise MinerError("the object has an empty or non-finite bounding box")
+        voxel_size = longest / (resolution - 2 * margin)
+        if cube:
+            shape = np.full(len(extent), resolution)
+        else:
+            # ceil with a tolerance so that the longest axis gets exactly `resolution`
+            inner = np.ceil(extent / voxel_size - 1e-9).astype(np.int64)
+            shape = np.maximum(inner, 1) + 2 * margin
+        center = 0.5 * (bounds[0] + bounds[1])
+        origin = center - 0.5 * voxel_size * shape
+        axes = "xyz"[: len(extent)]
+        return cls(tuple(float(v) for v in origin), voxel_size, tuple(int(v) for v in shape), axes)
+
+
+def check_resolution(resolution: int) -> None:
+    """Raise a :class:`MinerError` unless ``resolution`` is an integer in the supported range."""
+    if not isinstance(resolution, (int, np.integer)) or isinstance(resolution, bool):
+        raise MinerError(f"resolution must be an integer, got {resolution!r}")
+    if not MIN_RESOLUTION <= resolution <= MAX_RESOLUTION:
+        raise MinerError(
+            f"resolution {resolution} is out of range [{MIN_RESOLUTION}, {MAX_RESOLUTION}]"
+        )
+
+
+@dataclass
+class OccupancyGrid:
+    """A solid occupancy grid: 1 byte per voxel in memory, 1 bit per voxel on disk.
+
+    Attributes:
+        occupancy: ``(nx, ny, nz)`` uint8, 1 inside, 0 outside (C order, z fastest).
+        transform: the grid's :class:`GridTransform`.
+        meta: provenance (source file and hash, method, timings), JSON-serialisable.
+    """
+
+    occupancy: np.ndarray
+    transform: GridTransform
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.occupancy.shape)
+
+    @property
+    def filled_fraction(self) -> float:
+        return float(np.count_nonzero(self.occupancy)) / max(1, self.occupancy.size)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the bit-packed grid and its metadata to ``path`` (``.npz``), atomically.
+
+        Peak extra memory: the packed copy, ``nx*ny*nz/8`` bytes.
+        """
+        from .io import atomic_write
+
+        path = Path(path)
+        if path.suffix != ".npz":
+            raise MinerError(f"grid files end in .npz, got {path.name}")
+        header = {
+            "format": "miner3d-grid",
+            "version": GRID_FORMAT_VERSION,
+            "transform": self.transform.to_dict(),
+            "meta": self.meta,
+        }
+        packed = np.packbits(self.occupancy.reshape(-1).astype(bool, copy=False))
+        with atomic_write(path) as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez_compressed(fh, packed=packed, header=np.array(json.dumps(header)))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> OccupancyGrid:
+        """Read a grid written by :meth:`save`. Peak memory: the grid plus its packed copy."""
+        path = Path(path)
+        if not path.is_file():
+            raise MinerError(f"grid file not found: {path}")
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                header = json.loads(str(data["header"]))
+                packed = data["packed"]
+        except Exception as exc:  # any parse failure is the file's fault
+            raise MinerError(f"could not read grid file {path}: {exc}") from None
+        if header.get("format") != "miner3d-grid":
+            raise MinerError(f"{path} is not a miner3d grid file")
+        transform = GridTransform.from_dict(header["transform"])
+        n = math.prod(transform.shape)
+        if packed.size * 8 < n:
+            raise MinerError(f"grid file {path} is truncated")
+        occupancy = np.unpackbits(packed, count=n).reshape(transform.shape)
+        return cls(occupancy, transform, header.get("meta", {}))

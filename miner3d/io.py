@@ -1,0 +1,89 @@
+"""Reading meshes and writing files safely.
+
+Meshes are read with trimesh (PLY, OBJ, STL, OFF, GLB/GLTF; scenes are flattened into one
+mesh in world coordinates). Every output file is written atomically: to a temporary file in
+the destination folder, then renamed, so an interrupted or failed write never leaves a
+partial file or destroys what was there before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from .errors import MinerError
+
+MESH_EXTENSIONS = (".ply", ".obj", ".stl", ".off", ".glb", ".gltf")
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` if the block succeeds.
+
+    The temporary file is removed if the block raises. Raises :class:`MinerError` if the
+    destination folder cannot be written.
+    """
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise MinerError(f"cannot write to {folder}: {exc.strerror or exc}") from None
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_mesh(path: str | Path):  # -> trimesh.Trimesh
+    """Read a triangle mesh with trimesh, flattening scenes; raise :class:`MinerError` on bad input.
+
+    Returns a ``trimesh.Trimesh`` (processing off: vertices and faces as stored, float64).
+    """
+    import trimesh
+
+    path = Path(path)
+    if not path.exists():
+        raise MinerError(f"mesh file not found: {path}")
+    if not path.is_file():
+        raise MinerError(f"not a file: {path}")
+    ext = path.suffix.lower()
+    if ext not in MESH_EXTENSIONS:
+        supported = ", ".join(MESH_EXTENSIONS)
+        raise MinerError(f"unsupported mesh format '{ext or path.name}' (supported: {supported})")
+    try:
+        loaded = trimesh.load(path, force="mesh", process=False)
+    except Exception as exc:  # trimesh raises many types
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise MinerError(f"could not read mesh {path}: {reason}") from None
+    if isinstance(loaded, list | tuple) or not hasattr(loaded, "faces"):
+        raise MinerError(f"could not read a triangle mesh from {path}")
+    faces = np.asarray(loaded.faces)
+    vertices = np.asarray(loaded.vertices)
+    if faces.size == 0 or vertices.size == 0:
+        raise MinerError(f"mesh {path} has no triangles")
+    if not np.all(np.isfinite(vertices)):
+        raise MinerError(f"mesh {path} has non-finite vertex coordinates")
+    if faces.min() < 0 or faces.max() >= len(vertices):
+        raise MinerError(f"mesh {path} has faces that index missing vertices")
+    return loaded

@@ -1,0 +1,103 @@
+"""Memory budgets: how much a stage needs, how much the machine has, refusing early.
+
+At 1024^3 every byte per voxel is a GiB, so each stage that allocates states its peak in
+its docstring and calls :func:`preflight` with that figure before allocating.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from .errors import OutOfMemoryError
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1e3,
+    "kb": 1e3,
+    "m": 1e6,
+    "mb": 1e6,
+    "g": 1e9,
+    "gb": 1e9,
+    "t": 1e12,
+    "tb": 1e12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+
+
+def parse_size(text: str | int | float) -> int:
+    """``"2GB"`` -> 2e9, ``"512MiB"`` -> 2**29, ``1000`` -> 1000; raises ValueError."""
+    if isinstance(text, int | float):
+        return int(text)
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"not a size: {text!r} (examples: 2GB, 512MiB)")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def format_size(n_bytes: float) -> str:
+    """Bytes as a short human string in binary units (``1.5 GiB``)."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n_bytes) < 1024 or unit == "TiB":
+            return f"{n_bytes:.0f} {unit}" if unit == "B" else f"{n_bytes:.1f} {unit}"
+        n_bytes /= 1024
+    raise AssertionError("unreachable")
+
+
+def available_memory() -> int:
+    """Bytes this process may still allocate: MemAvailable, capped by a cgroup limit."""
+    avail = None
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+                    break
+    except OSError:
+        pass
+    if avail is None:
+        avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    for limit_file, usage_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        (
+            "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+            "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+        ),
+    ):
+        try:
+            with open(limit_file) as fh:
+                limit = fh.read().strip()
+            with open(usage_file) as fh:
+                usage = int(fh.read().strip())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit():
+            avail = min(avail, int(limit) - usage)
+        break
+    return avail
+
+
+def preflight(what: str, needed: int, max_memory: int | None = None, hint: str = "") -> None:
+    """Raise :class:`OutOfMemoryError` if ``needed`` bytes exceed the budget.
+
+    Args:
+        what: the job, as the user would name it (``"voxelizing at 1024^3"``).
+        needed: estimated peak bytes of the job.
+        max_memory: the budget; defaults to the memory available now.
+        hint: what would fit, appended to the message.
+    """
+    budget = available_memory() if max_memory is None else max_memory
+    if needed > budget:
+        msg = f"{what} needs ~{format_size(needed)}, but only {format_size(budget)} is available"
+        raise OutOfMemoryError(msg + (f"; {hint}" if hint else ""))
+
+
+def peak_rss() -> int:
+    """Peak resident set size of this process so far, in bytes (Linux ru_maxrss is KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
