@@ -103,3 +103,27 @@ def test_open_surface_encloses_nothing():
     tilted = trimesh.Trimesh([[0, 0, 0], [1, 0, 0.3], [1, 1, 0.5]], [[0, 1, 2]])
     with pytest.raises(MinerError, match="no volume"):
         voxelize(tilted, 32)
+
+
+@pytest.mark.parametrize("ext", [".stl", ".off", ".glb", ".obj", ".ply"])
+def test_every_supported_format_loads_to_the_same_solid(tmp_path, ext):
+    a = trimesh.creation.box(bounds=[[0, 0, 0], [1.01, 0.93, 0.97]])
+    b = trimesh.creation.box(bounds=[[2.03, 0.02, 0.01], [3, 1, 2]])
+    if ext == ".glb":  # a scene of two nodes, flattened into one mesh
+        trimesh.Scene([a, b]).export(tmp_path / f"m{ext}")
+    else:
+        trimesh.util.concatenate([a, b]).export(tmp_path / f"m{ext}")
+    grid = voxelize_file(tmp_path / f"m{ext}", 32)
+    t = grid.transform
+    n_expected = sum(
+        int(
+            np.prod(
+                [
+                    np.count_nonzero((lo < t.voxel_centers(k)) & (t.voxel_centers(k) < hi))
+                    for k, (lo, hi) in enumerate(zip(*box.bounds, strict=True))
+                ]
+            )
+        )
+        for box in (a, b)
+    )
+    assert int(grid.occupancy.sum()) == n_expected
