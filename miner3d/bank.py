@@ -1,0 +1,160 @@
+"""A bank of tiny SIRENs, one per block, evaluated with batched matrix products.
+
+Parameters of layer ``l`` are stacked over blocks: weights ``(n, in, out)``, biases
+``(n, 1, out)``. Hidden layers compute ``sin(w0 * (x W + b))``; the last layer is linear.
+Initialisation follows SIREN (Sitzmann et al. 2020): the first layer uniform in
+``+-1/in``, later layers uniform in ``+-sqrt(6/in)/w0``.
+
+The bank never knows the signal: the trainer gives it local coordinates and blocks to run.
+Rows can be selected (:meth:`MLPBank.select`) so that frozen blocks leave the optimisation
+together with their optimiser state (:class:`BankAdam`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class BankShape:
+    """Architecture of every MLP of a bank."""
+
+    in_features: int
+    hidden: int
+    hidden_layers: int
+    out_features: int
+    w0: float
+
+    @property
+    def layer_sizes(self) -> list[tuple[int, int]]:
+        sizes = [self.in_features] + [self.hidden] * self.hidden_layers + [self.out_features]
+        return list(itertools.pairwise(sizes))
+
+    @property
+    def params_per_block(self) -> int:
+        return sum(i * o + o for i, o in self.layer_sizes)
+
+
+class MLPBank:
+    """``n`` SIRENs of the same shape.
+
+    Attributes:
+        shape: the :class:`BankShape`.
+        params: ``[W_0, b_0, W_1, b_1, ...]``: ``W_l`` ``(n, in, out)``, ``b_l`` ``(n, 1, out)``.
+    """
+
+    def __init__(self, shape: BankShape, params: list[torch.Tensor]):
+        self.shape = shape
+        self.params = params
+
+    @classmethod
+    def create(
+        cls,
+        shape: BankShape,
+        n: int,
+        device: torch.device | str = "cpu",
+        generator: torch.Generator | None = None,
+    ) -> MLPBank:
+        """SIREN-initialised bank of ``n`` MLPs (float32)."""
+        params = []
+        for layer, (fan_in, fan_out) in enumerate(shape.layer_sizes):
+            bound = 1.0 / fan_in if layer == 0 else math.sqrt(6.0 / fan_in) / shape.w0
+            w = torch.rand(n, fan_in, fan_out, generator=generator) * 2 - 1
+            b = torch.rand(n, 1, fan_out, generator=generator) * 2 - 1
+            params += [(w * bound).to(device), (b * bound).to(device)]
+        return cls(shape, params)
+
+    def __len__(self) -> int:
+        return self.params[0].shape[0]
+
+    @property
+    def n_params(self) -> int:
+        return len(self) * self.shape.params_per_block
+
+    def forward(self, coords: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Evaluate the MLPs.
+
+        Args:
+            coords: ``(P, d)`` local coordinates shared by all blocks, or ``(n, P, d)``.
+            rows: optional ``(m,)`` subset of the bank's rows to run.
+
+        Returns:
+            ``(n or m, P, out_features)``.
+        """
+        params = self.params if rows is None else [p[rows] for p in self.params]
+        x = coords
+        last = len(params) // 2 - 1
+        for layer in range(last + 1):
+            w, b = params[2 * layer], params[2 * layer + 1]
+            x = torch.matmul(x, w) + b  # (P, in) @ (n, in, out) broadcasts to (n, P, out)
+            if layer < last:
+                x = torch.sin(self.shape.w0 * x)
+        return x
+
+    def select(self, rows: torch.Tensor) -> MLPBank:
+        """A new bank of the given rows (copies)."""
+        return MLPBank(self.shape, [p[rows].detach().clone() for p in self.params])
+
+    @staticmethod
+    def concat(banks: list[MLPBank]) -> MLPBank:
+        """Rows of several banks of the same shape, in order."""
+        params = [torch.cat([b.params[i] for b in banks]) for i in range(len(banks[0].params))]
+        return MLPBank(banks[0].shape, params)
+
+
+class BankAdam:
+    """Adam over a bank's stacked parameters, with rows that can be dropped.
+
+    Per-row moments live beside the parameters, so :meth:`keep` shrinks parameters and
+    optimiser state together: late iterations cost only the live blocks.
+    """
+
+    def __init__(self, bank: MLPBank, lr: float, betas=(0.9, 0.999), eps: float = 1e-8):
+        self.bank = bank
+        self.lr = lr
+        self.betas = betas
+        self.eps = eps
+        self.step_count = 0
+        for p in bank.params:
+            p.requires_grad_(True)
+        self.exp_avg = [torch.zeros_like(p) for p in bank.params]
+        self.exp_avg_sq = [torch.zeros_like(p) for p in bank.params]
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.step_count += 1
+        b1, b2 = self.betas
+        c1 = 1 - b1**self.step_count
+        c2 = 1 - b2**self.step_count
+        for p, m, v in zip(self.bank.params, self.exp_avg, self.exp_avg_sq, strict=True):
+            if p.grad is None:
+                continue
+            m.mul_(b1).add_(p.grad, alpha=1 - b1)
+            v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+            denom = (v / c2).sqrt_().add_(self.eps)
+            p.addcdiv_(m, denom, value=-self.lr / c1)
+            p.grad = None
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only ``rows`` of the parameters and of the moments."""
+        self.bank.params = [p.detach()[rows].clone().requires_grad_(True) for p in self.bank.params]
+        self.exp_avg = [m[rows].clone() for m in self.exp_avg]
+        self.exp_avg_sq = [v[rows].clone() for v in self.exp_avg_sq]
+
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step_count,
+            "lr": self.lr,
+            "exp_avg": self.exp_avg,
+            "exp_avg_sq": self.exp_avg_sq,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step_count = int(state["step"])
+        self.lr = float(state["lr"])
+        self.exp_avg = list(state["exp_avg"])
+        self.exp_avg_sq = list(state["exp_avg_sq"])

@@ -1,0 +1,114 @@
+"""Pyramid operators for d = 2 or 3, all in the cell-centred convention of :mod:`miner3d.grid`.
+
+* Downsampling by ``f`` is the box filter: the mean over each ``f^d`` cell (paper eqs. 9-10,
+  ``F.interpolate(mode='area')``).
+* Upsampling is linear interpolation with ``align_corners=False`` and clamped borders, exactly
+  ``F.interpolate(mode='trilinear' | 'bilinear', align_corners=False)`` for integer factors.
+  :func:`interpolate_at` evaluates it at any continuous positions (voxel centres of a finer
+  block, or arbitrary query points), gathering only the ``2^d`` neighbours it needs: no
+  per-voxel index tensor of a whole grid is ever built.
+
+A signal field is a tensor ``(C, *S)``: channels first, then ``d`` spatial axes.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import torch.nn.functional as F
+
+_POOL = {2: F.avg_pool2d, 3: F.avg_pool3d}
+
+
+def box_downsample(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """Mean over ``factor^d`` cells: ``(C, *S)`` -> ``(C, *S / factor)`` float32."""
+    if factor == 1:
+        return x.float()
+    return _POOL[x.ndim - 1](x.float().unsqueeze(0), factor).squeeze(0)
+
+
+def gaussian_levels(
+    signal: torch.Tensor, n_scales: int, value_scale: float = 1.0, slab: int = 0
+) -> list[torch.Tensor | None]:
+    """Box-filtered levels 1..J-1 of ``signal`` (level 0, full resolution, is not copied).
+
+    Args:
+        signal: ``(C, *P)`` any dtype (uint8 occupancy, uint8/uint16 image), ``P`` divisible
+            by ``2**(n_scales - 1)``.
+        n_scales: J.
+        value_scale: multiplies the raw values (1/255 for 8-bit images).
+        slab: level 1 is computed ``slab`` output planes at a time (0: all at once), so the
+            float copy is never more than one slab of the full grid.
+
+    Returns:
+        ``[None, G_1, ..., G_{J-1}]``, ``G_j`` float32 ``(C, *P / 2**j)``. Peak memory: the
+        levels (4/2^d + 4/4^d + ... bytes per full-resolution voxel and channel) plus one
+        float32 slab of ``2 * slab`` full-resolution planes.
+    """
+    levels: list[torch.Tensor | None] = [None]
+    if n_scales == 1:
+        return levels
+    n1 = signal.shape[1] // 2
+    step = n1 if slab <= 0 else slab
+    parts = [
+        box_downsample(signal[:, 2 * a : 2 * min(a + step, n1)].float() * value_scale, 2)
+        for a in range(0, n1, step)
+    ]
+    levels.append(torch.cat(parts, dim=1))
+    for _ in range(2, n_scales):
+        levels.append(box_downsample(levels[-1], 2))
+    return levels
+
+
+def interpolate_at(field: torch.Tensor, positions: list[torch.Tensor]) -> torch.Tensor:
+    """Linear interpolation of a cell-centred field at continuous index positions.
+
+    Args:
+        field: ``(C, *S)``, ``d = len(S)`` spatial axes.
+        positions: ``d`` tensors, one per axis, of mutually broadcastable shapes; position
+            ``q`` on an axis means the centre of voxel ``q`` (voxel ``i`` spans
+            ``[i - 0.5, i + 0.5)``). Out-of-range positions clamp to the border voxel, like
+            ``F.interpolate`` with ``align_corners=False``.
+
+    Returns:
+        ``(C, *broadcast_shape)``: e.g. positions of shapes ``(n, b, 1, 1)``, ``(n, 1, b, 1)``,
+        ``(n, 1, 1, b)`` give the ``(C, n, b, b, b)`` values of ``n`` blocks of ``b^3``
+        voxels; positions of shape ``(P,)`` give ``(C, P)`` values at ``P`` points.
+    """
+    lows, highs, weights = [], [], []
+    for axis, q in enumerate(positions):
+        n = field.shape[1 + axis]
+        q = q.clamp(min=0.0, max=float(n - 1))
+        lo = q.floor()
+        weights.append(q - lo)
+        lo = lo.long()
+        lows.append(lo)
+        highs.append((lo + 1).clamp(max=n - 1))
+    out = None
+    for corner in itertools.product((0, 1), repeat=len(positions)):
+        index = tuple(highs[a] if c else lows[a] for a, c in enumerate(corner))
+        w = None
+        for a, c in enumerate(corner):
+            wa = weights[a] if c else 1.0 - weights[a]
+            w = wa if w is None else w * wa
+        term = field[(slice(None), *index)] * w
+        out = term if out is None else out + term
+    return out
+
+
+def upsample(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """Whole-field linear upsampling ``(C, *S)`` -> ``(C, *S * factor)`` (align_corners=False).
+
+    Equals ``F.interpolate(..., scale_factor=factor, align_corners=False)``; used by tests and
+    small fields. Peak memory: the output plus ``2^d`` temporaries of its size.
+    """
+    d = x.ndim - 1
+    shape = x.shape[1:]
+    positions = []
+    for axis in range(d):
+        q = (torch.arange(shape[axis] * factor, device=x.device) + 0.5) / factor - 0.5
+        view = [1] * d
+        view[axis] = -1
+        positions.append(q.view(view))
+    return interpolate_at(x, positions)

@@ -1,0 +1,122 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from miner3d.errors import MinerError
+from miner3d.metrics import iou
+from miner3d.model import MinerModel
+from miner3d.train import FitConfig, fit
+from miner3d.voxelize import voxelize_file
+
+LUCY_64 = FitConfig(n_scales=3, block=8, max_iters=300, prune_mse=2e-3, metric_every=50)
+
+
+@pytest.fixture(scope="module")
+def lucy64(meshes_dir):
+    return voxelize_file(meshes_dir / "lucy.ply", 64)
+
+
+@pytest.fixture(scope="module")
+def lucy64_fit(lucy64):
+    history = []
+    result = fit(
+        lucy64.occupancy, LUCY_64, transform=lucy64.transform, device="cpu", callback=history.append
+    )
+    return result, history
+
+
+def test_lucy64_quality_floor_with_pruning(lucy64, lucy64_fit):
+    result, _ = lucy64_fit
+    assert result.summary["iou"] >= 0.99
+    assert result.model.n_params <= 300_000
+    layout = result.model.layout
+    blocks_on_signal = int(np.prod([-(-n // layout.block) for n in layout.shape]))
+    assert result.model.mlp_blocks(0) <= 0.35 * blocks_on_signal
+
+
+def test_reported_iou_is_the_decoded_models(lucy64, lucy64_fit):
+    # independent of the trainer's bookkeeping: threshold the dense decode ourselves
+    result, _ = lucy64_fit
+    decoded = result.model.decode(0)[0].numpy()
+    truth = lucy64.occupancy.astype(bool)
+    assert iou(decoded >= 0.5, truth) == pytest.approx(result.summary["iou"], abs=1e-9)
+    # coarser levels of detail are worse, and each is reported
+    scales = result.summary["scales"]
+    assert scales["2"]["iou"] < scales["1"]["iou"] < scales["0"]["iou"]
+
+
+def test_history_records_progress(lucy64_fit):
+    _, history = lucy64_fit
+    iterations = [r for r in history if r["event"] == "iteration"]
+    assert {"time", "scale", "iteration", "loss", "live_blocks", "params"} <= set(iterations[0])
+    with_iou = [r for r in iterations if "iou" in r]
+    assert with_iou and all(0 <= r["iou"] <= 1 for r in with_iou)
+    times = [r["time"] for r in history]
+    assert times == sorted(times)
+    assert [r["scale"] for r in history if r["event"] == "scale_end"] == [2, 1, 0]
+
+
+def test_fitted_model_round_trips(lucy64_fit, tmp_path):
+    result, _ = lucy64_fit
+    back = MinerModel.load(result.model.save(tmp_path / "model.safetensors"))
+    assert torch.equal(back.decode(0), result.model.decode(0))
+    assert back.meta["summary"]["iou"] == result.summary["iou"]
+
+
+def test_astronaut_reaches_35db():
+    from skimage import data
+
+    image = torch.from_numpy(data.astronaut()).permute(2, 0, 1).contiguous()  # (3, 512, 512)
+    config = FitConfig(
+        n_scales=3,
+        block=32,
+        hidden=20,
+        hidden_layers=3,
+        max_iters=120,
+        prune_mse=1e-5,
+        freeze_mse=1e-5,
+        metric_every=40,
+    )
+    result = fit(image, config, occupancy=False, value_scale=1 / 255, device="cpu")
+    assert result.summary["psnr"] >= 35.0
+    decoded = result.model.decode(0)
+    assert decoded.shape == (3, 512, 512)
+    mse = float(((decoded.clamp(0, 1) - image.float() / 255) ** 2).mean())
+    assert 10 * np.log10(1 / mse) >= 35.0
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {"pyramid": "gaussian"},
+        {"weight_sharing": True},
+        {"points_per_block": 100},
+        {"n_scales": 1},  # one scale of blocks: the KiloNeRF configuration
+        {"n_scales": 1, "block": 32},  # one block, one MLP: the SIREN configuration
+    ],
+)
+def test_variants_run_and_learn(lucy64, variant):
+    occupancy = lucy64.occupancy[:32, :24, :32]
+    base = {
+        "n_scales": 2,
+        "block": 8,
+        "max_iters": 60,
+        "metric_every": 20,
+        "plateau_tol": 0,
+        "freeze_mse": 0.0,
+        "prune_mse": 0.0,
+    }
+    history = []
+    result = fit(occupancy, FitConfig(**{**base, **variant}), device="cpu", callback=history.append)
+    finest = [r for r in history if r["event"] == "iteration" and r["scale"] == 0]
+    assert finest[-1]["loss"] < finest[0]["loss"]
+    assert 0 < result.summary["iou"] <= 1
+
+
+def test_bad_config_names_the_field():
+    with pytest.raises(MinerError, match="block"):
+        FitConfig(block=12).validate()
+    with pytest.raises(MinerError, match="unknown config field 'blocksize'"):
+        FitConfig.from_dict({"blocksize": 16})
