@@ -80,6 +80,10 @@ class FitConfig:
     """Blocks per batch in streamed passes (targets, metrics)."""
     seed: int = 0
     """Seed of the MLP initialisation and of the sample draws."""
+    time_limit: float = 0.0
+    """Wall-clock cap of the whole fit in seconds (0: none); the scale in progress is kept."""
+    target: float = 0.0
+    """Stop once the finest scale's measured quality reaches this (IoU, or PSNR in dB; 0: off)."""
 
     def validate(self) -> None:
         """Raise :class:`MinerError` naming the first bad field."""
@@ -101,6 +105,8 @@ class FitConfig:
             "points_per_block": self.points_per_block >= 0,
             "metric_every": self.metric_every >= 0,
             "batch_blocks": self.batch_blocks >= 1,
+            "time_limit": self.time_limit >= 0,
+            "target": self.target >= 0,
         }
         for name, ok in checks.items():
             if not ok:
@@ -221,6 +227,7 @@ class _Trainer:
         self.history: list[dict[str, Any]] = []
         self.start = time.perf_counter()
         self.scale_metrics: dict[int, dict[str, float]] = {}
+        self.stopped: str | None = None  # "time_limit" or "target" once the fit must end
 
     # -- helpers -------------------------------------------------------------------------
     def _log(self, record: dict[str, Any]) -> None:
@@ -257,6 +264,8 @@ class _Trainer:
         c = self.config
         scale_times = {}
         for j in reversed(range(c.n_scales)):
+            if self.stopped == "time_limit":
+                break
             t0 = time.perf_counter()
             self._fit_scale(j)
             sums = self.full_metrics(j)
@@ -272,15 +281,18 @@ class _Trainer:
                     **self.scale_metrics[j],
                 }
             )
+        finest = min(self.scale_metrics)
         summary = {
             "seconds": round(time.perf_counter() - self.start, 3),
+            "finest_scale_fitted": finest,
+            "stopped": self.stopped or "done",
             "params": self.model.n_params,
             "scale_seconds": {str(k): round(v, 3) for k, v in scale_times.items()},
             "scales": {str(k): v for k, v in self.scale_metrics.items()},
             "mlp_blocks": {str(j): self.model.mlp_blocks(j) for j in range(c.n_scales)},
             "blocks": {str(j): self.layout.n_blocks(j) for j in range(c.n_scales)},
         }
-        summary.update(self.scale_metrics[0])
+        summary.update(self.scale_metrics[finest])
         self.model.meta["summary"] = summary
         return FitResult(self.model, self.history, summary)
 
@@ -450,6 +462,14 @@ class _Trainer:
                         **(record or {}),
                     }
                 )
+            if c.time_limit and time.perf_counter() - self.start > c.time_limit:
+                self.stopped = "time_limit"
+                break
+            if c.target and record is not None:
+                reached = record["iou"] if self.occupancy else record["psnr"]
+                if reached >= c.target:
+                    self.stopped = "target"
+                    break
             if c.plateau_tol > 0 and it % c.plateau_window == 0:
                 if window_loss is not None and window_loss - loss < c.plateau_tol * window_loss:
                     break
