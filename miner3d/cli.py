@@ -57,7 +57,12 @@ def _build_parser() -> argparse.ArgumentParser:
         default=2,
         help="empty voxels on each side of the longest axis (default 2)",
     )
-    vox.add_argument("--method", default="parity", help="voxelization method (default parity)")
+    vox.add_argument(
+        "--method",
+        default="robust",
+        help="robust (default: 3 axes + winding number, tolerates holes), nonzero (union of "
+        "overlapping bodies), parity (fastest, closed meshes only), open3d (slow reference)",
+    )
     vox.add_argument(
         "--max-memory",
         type=_size,
