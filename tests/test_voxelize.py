@@ -11,6 +11,11 @@ from miner3d.voxelize import voxelize, voxelize_file
 from miner3d.winding import winding_numbers
 
 
+def _all_columns_closed(grid) -> bool:
+    odd = grid.meta["odd_columns"]
+    return (sum(odd.values()) if isinstance(odd, dict) else odd) == 0
+
+
 def _analytic_box_solid(grid, lo, hi):
     t = grid.transform
     inside = [(lo[a] < t.voxel_centers(a)) & (t.voxel_centers(a) < hi[a]) for a in range(3)]
@@ -21,7 +26,7 @@ def test_box_matches_analytic_solid():
     lo, hi = np.array([0.1, -0.2, 0.3]), np.array([1.13, 0.37, 0.71])
     box = trimesh.creation.box(bounds=np.stack([lo, hi]))
     grid = voxelize(box, 64)
-    assert grid.meta["odd_columns"] == 0
+    assert _all_columns_closed(grid) and grid.meta["ambiguous_voxels"] == 0
     np.testing.assert_array_equal(grid.occupancy.astype(bool), _analytic_box_solid(grid, lo, hi))
 
 
@@ -33,7 +38,7 @@ def test_edges_and_vertices_through_column_centres_count_once():
     box.apply_translation([0.5, 0.5, 0.25])
     grid = voxelize(box, 14, margin=2)
     assert grid.transform.voxel_size == pytest.approx(1.0)
-    assert grid.meta["odd_columns"] == 0
+    assert _all_columns_closed(grid)  # along all three axes
     filled = grid.occupancy.astype(bool)
     strict = _analytic_box_solid(grid, [0.5, 0.5, 0.25], [10.5, 10.5, 5.25])
     # the columns on the box's boundary may go either way, but every interior one is full
@@ -46,19 +51,20 @@ def test_many_triangles_sharing_vertices_on_centres():
     # vertices exercise the vertex tie-break
     sphere = trimesh.creation.icosphere(subdivisions=3, radius=10.0)
     sphere.vertices[:, :2] = np.round(sphere.vertices[:, :2] - 0.5) + 0.5
-    grid = voxelize(sphere, 32, margin=2)
-    assert grid.meta["odd_columns"] == 0
+    for method in ("robust", "parity"):
+        assert _all_columns_closed(voxelize(sphere, 32, margin=2, method=method))
 
 
 @pytest.mark.parametrize("name", ["lucy.ply", "fandisk.obj"])
 def test_parity_matches_open3d_occupancy(meshes_dir, name):
     pytest.importorskip("open3d")
     mesh = load_mesh(meshes_dir / name)
-    ours = voxelize(mesh, 128)
     reference = voxelize(mesh, 128, method="open3d")
-    assert ours.transform == reference.transform
-    assert ours.meta["odd_columns"] == 0
-    assert solid_iou(ours.occupancy, reference.occupancy) >= 0.999
+    for method in ("robust", "parity", "nonzero"):
+        ours = voxelize(mesh, 128, method=method)
+        assert ours.transform == reference.transform
+        assert _all_columns_closed(ours)
+        assert solid_iou(ours.occupancy, reference.occupancy) >= 0.999
 
 
 def test_independent_inside_test_winding_number(meshes_dir):
@@ -77,7 +83,7 @@ def test_independent_inside_test_winding_number(meshes_dir):
 def test_grid_metadata_and_file(meshes_dir, tmp_path):
     grid = voxelize_file(meshes_dir / "lucy.ply", 64)
     assert max(grid.shape) == 64 and len(set(grid.shape)) == 3  # tight, not cubic
-    assert grid.meta["source_sha256"] and grid.meta["method"] == "parity"
+    assert grid.meta["source_sha256"] and grid.meta["method"] == "robust"
     # the transform maps the grid back onto the mesh's own bounding box
     mesh = load_mesh(meshes_dir / "lucy.ply")
     lo, hi = grid.transform.bounds
