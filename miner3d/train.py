@@ -20,6 +20,7 @@ so blocks can later be sharded across ranks.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable
@@ -133,6 +134,22 @@ class FitResult:
 Callback = Callable[[dict[str, Any]], None]
 
 
+@dataclass
+class Checkpoint:
+    """Everything needed to continue a fit: tensors (finished scales' banks; the scale in
+    progress: parameters, optimiser moments, which rows are live; the sampler's state) and a
+    JSON-serialisable state (scale, iteration, running sums, history)."""
+
+    tensors: dict[str, torch.Tensor]
+    state: dict[str, Any]
+
+
+class FitInterrupted(MinerError):
+    """The fit was asked to stop (SIGINT); a checkpoint was written first."""
+
+    exit_code = 130
+
+
 def pick_device(device: str = "auto") -> torch.device:
     """``auto`` -> CUDA when available, else CPU."""
     if device == "auto":
@@ -152,6 +169,10 @@ def fit(
     device: str | torch.device = "auto",
     callback: Callback | None = None,
     meta: dict[str, Any] | None = None,
+    checkpoint: Callable[[Checkpoint], None] | None = None,
+    checkpoint_seconds: float = 300.0,
+    resume: Checkpoint | None = None,
+    stop_requested: Callable[[], bool] | None = None,
 ) -> FitResult:
     """Fit a MINER model to a signal, coarse to fine.
 
@@ -166,6 +187,11 @@ def fit(
         device: ``auto``, ``cpu`` or ``cuda``.
         callback: called with every history record (dict) as it is logged.
         meta: extra JSON-serialisable metadata stored in the model.
+        checkpoint: called with a :class:`Checkpoint` at every scale switch, every
+            ``checkpoint_seconds`` within a scale, and before stopping on ``stop_requested``.
+        resume: a checkpoint to continue from (same signal and config).
+        stop_requested: polled every iteration; when it returns True the fit checkpoints and
+            raises :class:`FitInterrupted`.
 
     Returns:
         :class:`FitResult`. Peak memory: the padded signal in its dtype, the box-filtered levels
@@ -177,7 +203,10 @@ def fit(
     config.validate()
     dev = pick_device(str(device))
     trainer = _Trainer(signal, config, occupancy, value_scale, transform, dev, callback, meta)
-    return trainer.run()
+    trainer.checkpoint = checkpoint
+    trainer.checkpoint_seconds = checkpoint_seconds
+    trainer.stop_requested = stop_requested or (lambda: False)
+    return trainer.run(resume)
 
 
 class _Trainer:
@@ -194,20 +223,22 @@ class _Trainer:
         self.value_scale = value_scale
         self.device = device
         self.callback = callback
+        self.checkpoint: Callable[[Checkpoint], None] | None = None
+        self.checkpoint_seconds = 300.0
+        self.stop_requested: Callable[[], bool] = lambda: False
         c = config
         self.layout = BlockLayout(tuple(signal.shape[1:]), c.block, c.n_scales)
         self.d = self.layout.ndim
         self.channels = signal.shape[0]
-        # pad at full resolution with the border value (zeros for occupancy: outside)
+        # pad at full resolution: zeros for occupancy (outside), the border value for images
         padded = torch.zeros((self.channels, *self.layout.padded), dtype=signal.dtype)
         padded[(slice(None), *(slice(0, n) for n in self.layout.shape))] = signal
-        if not occupancy:  # replicate the last row/column into the padding
+        if not occupancy:
             for axis, n in enumerate(self.layout.shape):
-                if n < self.layout.padded[axis]:
-                    src = padded.narrow(axis + 1, n - 1, 1)
-                    padded.narrow(axis + 1, n, self.layout.padded[axis] - n).copy_(
-                        src.expand_as(padded.narrow(axis + 1, n, self.layout.padded[axis] - n))
-                    )
+                extra = self.layout.padded[axis] - n
+                if extra:
+                    pad = padded.narrow(axis + 1, n, extra)
+                    pad.copy_(padded.narrow(axis + 1, n - 1, 1).expand_as(pad))
         self.signal = padded.to(device)
         self.levels = gaussian_levels(self.signal, c.n_scales, value_scale, slab=64)
         shape = BankShape(self.d, c.hidden, c.hidden_layers, self.channels, c.w0)
@@ -227,6 +258,7 @@ class _Trainer:
         self.history: list[dict[str, Any]] = []
         self.start = time.perf_counter()
         self.scale_metrics: dict[int, dict[str, float]] = {}
+        self.scale_times: dict[int, float] = {}
         self.stopped: str | None = None  # "time_limit" or "target" once the fit must end
 
     # -- helpers -------------------------------------------------------------------------
@@ -259,18 +291,77 @@ class _Trainer:
             )
         return sums
 
+    # -- checkpoints ---------------------------------------------------------------------
+    def _save(self, j: int, scale_state: dict[str, Any] | None) -> None:
+        """Hand a checkpoint to the caller: finished scales (> j), and scale j's state."""
+        if self.checkpoint is None:
+            return
+        tensors: dict[str, torch.Tensor] = {"generator": self.generator.get_state()}
+        for k in range(j + 1, self.config.n_scales):
+            scale = self.model.scales[k]
+            tensors[f"model.scale{k}.block_ids"] = scale.block_ids
+            for i, p in enumerate(scale.bank.params):
+                tensors[f"model.scale{k}.param{i}"] = p
+        state: dict[str, Any] = {
+            "scale": j,
+            "iteration": 0,
+            "elapsed": time.perf_counter() - self.start,
+            "history": self.history,
+            "scale_metrics": {str(k): v for k, v in self.scale_metrics.items()},
+            "scale_times": {str(k): v for k, v in self.scale_times.items()},
+        }
+        if scale_state is not None:
+            opt: BankAdam = scale_state["opt"]
+            for i, p in enumerate(opt.bank.params):
+                tensors[f"current.param{i}"] = p.detach()
+                tensors[f"current.exp_avg{i}"] = opt.exp_avg[i]
+                tensors[f"current.exp_avg_sq{i}"] = opt.exp_avg_sq[i]
+            for i, f in enumerate(scale_state["final"]):
+                tensors[f"current.final{i}"] = f
+            tensors["current.active"] = scale_state["active"]
+            sums: MetricSums = scale_state["frozen_sums"]
+            state.update(
+                iteration=scale_state["it"],
+                adam_step=opt.step_count,
+                adam_lr=opt.lr,
+                frozen_mse=scale_state["frozen_mse"],
+                frozen_sums=asdict(sums),
+                window_loss=scale_state["window_loss"],
+            )
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        self.checkpoint(Checkpoint(tensors, json.loads(json.dumps(state))))
+
+    def _restore(self, ckpt: Checkpoint) -> int:
+        """Load a checkpoint's finished scales and bookkeeping; returns the scale to fit."""
+        state, tensors = ckpt.state, ckpt.tensors
+        j = int(state["scale"])
+        n_params = 2 * len(self.model.bank_shape.layer_sizes)
+        for k in range(self.config.n_scales - 1, j, -1):
+            params = [tensors[f"model.scale{k}.param{i}"].to(self.device) for i in range(n_params)]
+            self.model.set_scale(
+                k, tensors[f"model.scale{k}.block_ids"], MLPBank(self.model.bank_shape, params)
+            )
+        self.history = list(state["history"])
+        self.scale_metrics = {int(k): v for k, v in state["scale_metrics"].items()}
+        self.scale_times = {int(k): v for k, v in state["scale_times"].items()}
+        self.start = time.perf_counter() - float(state["elapsed"])
+        self.generator.set_state(tensors["generator"])
+        return j
+
     # -- the loop ------------------------------------------------------------------------
-    def run(self) -> FitResult:
+    def run(self, resume: Checkpoint | None = None) -> FitResult:
         c = self.config
-        scale_times = {}
-        for j in reversed(range(c.n_scales)):
+        first = c.n_scales - 1
+        if resume is not None:
+            first = self._restore(resume)
+        for j in range(first, -1, -1):
             if self.stopped == "time_limit":
                 break
             t0 = time.perf_counter()
-            self._fit_scale(j)
+            self._fit_scale(j, resume if j == first and resume is not None else None)
             sums = self.full_metrics(j)
             self.scale_metrics[j] = self._metric_fields(sums)
-            scale_times[j] = time.perf_counter() - t0
+            self.scale_times[j] = self.scale_times.get(j, 0.0) + time.perf_counter() - t0
             self._log(
                 {
                     "event": "scale_end",
@@ -281,13 +372,15 @@ class _Trainer:
                     **self.scale_metrics[j],
                 }
             )
+            if j > 0 and self.stopped is None:
+                self._save(j - 1, None)
         finest = min(self.scale_metrics)
         summary = {
             "seconds": round(time.perf_counter() - self.start, 3),
             "finest_scale_fitted": finest,
             "stopped": self.stopped or "done",
             "params": self.model.n_params,
-            "scale_seconds": {str(k): round(v, 3) for k, v in scale_times.items()},
+            "scale_seconds": {str(k): round(v, 3) for k, v in self.scale_times.items()},
             "scales": {str(k): v for k, v in self.scale_metrics.items()},
             "mlp_blocks": {str(j): self.model.mlp_blocks(j) for j in range(c.n_scales)},
             "blocks": {str(j): self.layout.n_blocks(j) for j in range(c.n_scales)},
@@ -301,7 +394,8 @@ class _Trainer:
 
         Returns live ids ``(m,)``, targets ``(m, C, b^d)`` float32, ground truth of the live
         blocks at scale 0 for occupancy ``(m, C, b^d)`` uint8 (else None), and the metric sums
-        of the pruned blocks at scale 0.
+        of the pruned blocks at scale 0. Deterministic given the coarser scales, so a resumed
+        fit rebuilds them instead of storing them.
         """
         c, layout = self.config, self.layout
         n = layout.n_blocks(j)
@@ -311,11 +405,10 @@ class _Trainer:
             ids = torch.arange(start, min(start + c.batch_blocks, n), device=self.device)
             coords = layout.unravel(j, ids)
             level = self._level_blocks(j, coords)
-            base = (
-                self.model.evaluate_blocks(j, ids, from_scale=j + 1)
-                if j < c.n_scales - 1
-                else torch.zeros_like(level)
-            )
+            if j < c.n_scales - 1:
+                base = self.model.evaluate_blocks(j, ids, from_scale=j + 1)
+            else:
+                base = torch.zeros_like(level)
             residual = level - base
             energy = residual.square().flatten(1).mean(dim=1)
             live = energy > c.prune_mse
@@ -351,16 +444,16 @@ class _Trainer:
                 p[has] = q[slots[has]] * shrink
         return bank
 
-    def _stats(self, j, rows_out, targets, truths, rows) -> MetricSums:
+    def _stats(self, outputs, targets, truths, ids) -> MetricSums:
         """Metric sums at scale 0 of some live blocks, given their outputs ``(m, C, b^d)``."""
-        err = rows_out - targets
+        err = outputs - targets
         if self.occupancy:
             truth = truths.float()
             values = truth + err  # = coarser base + this scale's output
         else:
             truth = torch.zeros_like(err)
             values = err
-        mask = self.layout.valid_mask(0, rows)
+        mask = self.layout.valid_mask(0, ids)
         if mask is not None:
             mask = mask.flatten(1)
         return block_sums(values, truth, mask, self.occupancy)
@@ -377,29 +470,76 @@ class _Trainer:
             return torch.zeros((0, self.channels, self.coords.shape[0]), device=self.device)
         return torch.cat(outs)
 
-    def _fit_scale(self, j: int) -> None:
+    def _fit_scale(self, j: int, resume: Checkpoint | None = None) -> None:
         c = self.config
         ids, targets, truths, pruned_sums = self._targets(j)
         n_live = len(ids)
-        self._log(
-            {
-                "event": "scale_start",
-                "scale": j,
-                "blocks": self.layout.n_blocks(j),
-                "mlp_blocks": n_live,
-                "params": self.model.n_params + n_live * self.model.bank_shape.params_per_block,
+        per_block = self.model.bank_shape.params_per_block
+        params_now = self.model.n_params + n_live * per_block
+        if resume is None or resume.state["iteration"] == 0:
+            if resume is not None:
+                self._log({"event": "resumed", "scale": j, "iteration": 0, "adam_step": 0})
+            self._log(
+                {
+                    "event": "scale_start",
+                    "scale": j,
+                    "blocks": self.layout.n_blocks(j),
+                    "mlp_blocks": n_live,
+                    "params": params_now,
+                }
+            )
+            bank = self._init_bank(j, ids)
+            st: dict[str, Any] = {
+                "final": [p.detach().clone() for p in bank.params],  # rows of every live block
+                "active": torch.arange(n_live, device=self.device),  # rows still optimised
+                "frozen_sums": MetricSums(),
+                "frozen_mse": 0.0,
+                "window_loss": None,
+                "it": 0,
+                "opt": BankAdam(bank, c.lr),
             }
-        )
-        bank = self._init_bank(j, ids)
-        final = [p.detach().clone() for p in bank.params]  # rows of every live block
-        active = torch.arange(n_live, device=self.device)  # rows still optimised
-        frozen_sums = MetricSums()
-        frozen_mse = 0.0
-        opt = BankAdam(bank, c.lr)
+        else:
+            tensors, state = resume.tensors, resume.state
+            n_params = 2 * len(self.model.bank_shape.layer_sizes)
+            dev = self.device
+            bank = MLPBank(
+                self.model.bank_shape,
+                [tensors[f"current.param{i}"].to(dev) for i in range(n_params)],
+            )
+            opt = BankAdam(bank, float(state["adam_lr"]))
+            opt.load_state_dict(
+                {
+                    "step": state["adam_step"],
+                    "lr": state["adam_lr"],
+                    "exp_avg": [tensors[f"current.exp_avg{i}"].to(dev) for i in range(n_params)],
+                    "exp_avg_sq": [
+                        tensors[f"current.exp_avg_sq{i}"].to(dev) for i in range(n_params)
+                    ],
+                }
+            )
+            st = {
+                "final": [tensors[f"current.final{i}"].to(dev) for i in range(n_params)],
+                "active": tensors["current.active"].to(dev),
+                "frozen_sums": MetricSums(**state["frozen_sums"]),
+                "frozen_mse": float(state["frozen_mse"]),
+                "window_loss": state["window_loss"],
+                "it": int(state["iteration"]),
+                "opt": opt,
+            }
+            self._log(
+                {
+                    "event": "resumed",
+                    "scale": j,
+                    "iteration": st["it"],
+                    "adam_step": opt.step_count,
+                }
+            )
+        opt: BankAdam = st["opt"]
         n_samples = self.coords.shape[0]
-        window_loss = None
-        it = 0
-        for it in range(1, c.max_iters + 1):
+        last_checkpoint = time.perf_counter()
+        it = st["it"]
+        for it in range(st["it"] + 1, c.max_iters + 1):
+            active = st["active"]
             if len(active) == 0:
                 break
             if 0 < c.points_per_block < n_samples:
@@ -408,46 +548,27 @@ class _Trainer:
                 coords, target = self.coords[pick], targets[active][:, :, pick]
             else:
                 coords, target = self.coords, targets[active]
-            out = bank.forward(coords).transpose(1, 2)  # (n_active, C, P)
+            out = opt.bank.forward(coords).transpose(1, 2)  # (n_active, C, P)
             block_mse = (out - target).square().flatten(1).mean(dim=1)
             block_mse.sum().backward()
             opt.lr = c.lr * c.lr_decay ** (it - 1)
             opt.step()
-            loss = (frozen_mse + float(block_mse.detach().sum())) / max(n_live, 1)
-
+            loss = (st["frozen_mse"] + float(block_mse.detach().sum())) / max(n_live, 1)
+            if not math.isfinite(loss):
+                raise MinerError(
+                    f"the loss became {loss} at scale {j}, iteration {it}; the last good "
+                    "checkpoint is kept (try a lower lr)"
+                )
             if it % c.freeze_every == 0:
-                done = block_mse.detach() <= c.freeze_mse
-                if done.any():
-                    rows = active[done]
-                    for f, p in zip(final, bank.params, strict=True):
-                        f[rows] = p.detach()[done]
-                    if j == 0:
-                        outs = self._full_outputs(bank, torch.nonzero(done).squeeze(1))
-                        frozen_sums = frozen_sums.add(
-                            self._stats(
-                                j,
-                                outs,
-                                targets[rows],
-                                truths[rows] if truths is not None else None,
-                                ids[rows],
-                            )
-                        )
-                    frozen_mse += float(block_mse.detach()[done].sum())
-                    keep = torch.nonzero(~done).squeeze(1)
-                    opt.keep(keep)
-                    active = active[keep]
+                self._freeze(j, st, block_mse.detach(), ids, targets, truths)
+            active = st["active"]
             record = None
             if j == 0 and c.metric_every and it % c.metric_every == 0:
-                outs = self._full_outputs(bank)
+                outs = self._full_outputs(opt.bank)
                 live_sums = self._stats(
-                    j,
-                    outs,
-                    targets[active],
-                    None if truths is None else truths[active],
-                    ids[active],
+                    outs, targets[active], None if truths is None else truths[active], ids[active]
                 )
-                sums = pruned_sums.add(frozen_sums).add(live_sums)
-                record = self._metric_fields(sums)
+                record = self._metric_fields(pruned_sums.add(st["frozen_sums"]).add(live_sums))
             if record is not None or it % 50 == 0 or it == 1:
                 self._log(
                     {
@@ -457,11 +578,17 @@ class _Trainer:
                         "loss": loss,
                         "live_blocks": len(active),
                         "mlp_blocks": n_live,
-                        "params": self.model.n_params
-                        + n_live * self.model.bank_shape.params_per_block,
+                        "params": params_now,
                         **(record or {}),
                     }
                 )
+            st["it"] = it
+            stop = self.stop_requested()
+            if stop or time.perf_counter() - last_checkpoint > self.checkpoint_seconds:
+                self._save(j, st)
+                last_checkpoint = time.perf_counter()
+                if stop:
+                    raise FitInterrupted(f"interrupted at scale {j}, iteration {it}")
             if c.time_limit and time.perf_counter() - self.start > c.time_limit:
                 self.stopped = "time_limit"
                 break
@@ -471,10 +598,33 @@ class _Trainer:
                     self.stopped = "target"
                     break
             if c.plateau_tol > 0 and it % c.plateau_window == 0:
+                window_loss = st["window_loss"]
                 if window_loss is not None and window_loss - loss < c.plateau_tol * window_loss:
                     break
-                window_loss = loss
-        for f, p in zip(final, bank.params, strict=True):
+                st["window_loss"] = loss
+        final, active = st["final"], st["active"]
+        for f, p in zip(final, opt.bank.params, strict=True):
             f[active] = p.detach()
         self.model.set_scale(j, ids, MLPBank(self.model.bank_shape, final))
         self._log({"event": "scale_fitted", "scale": j, "iterations": it})
+
+    def _freeze(self, j, st, block_mse, ids, targets, truths) -> None:
+        """Blocks whose MSE reached ``freeze_mse`` leave the optimisation (prune during)."""
+        done = block_mse <= self.config.freeze_mse
+        if not done.any():
+            return
+        opt: BankAdam = st["opt"]
+        active = st["active"]
+        rows = active[done]
+        for f, p in zip(st["final"], opt.bank.params, strict=True):
+            f[rows] = p.detach()[done]
+        if j == 0:
+            outs = self._full_outputs(opt.bank, torch.nonzero(done).squeeze(1))
+            frozen = self._stats(
+                outs, targets[rows], None if truths is None else truths[rows], ids[rows]
+            )
+            st["frozen_sums"] = st["frozen_sums"].add(frozen)
+        st["frozen_mse"] += float(block_mse[done].sum())
+        keep = torch.nonzero(~done).squeeze(1)
+        opt.keep(keep)
+        st["active"] = active[keep]

@@ -7,7 +7,7 @@ import torch
 from miner3d.errors import MinerError
 from miner3d.metrics import iou
 from miner3d.model import MinerModel
-from miner3d.train import FitConfig, fit
+from miner3d.train import FitConfig, FitInterrupted, fit
 from miner3d.voxelize import voxelize_file
 
 LUCY_64 = FitConfig(n_scales=3, block=8, max_iters=300, prune_mse=2e-3, metric_every=50)
@@ -120,3 +120,44 @@ def test_bad_config_names_the_field():
         FitConfig(block=12).validate()
     with pytest.raises(MinerError, match="unknown config field 'blocksize'"):
         FitConfig.from_dict({"blocksize": 16})
+
+
+def test_interrupt_and_resume_continue_exactly(lucy64):
+    occupancy = lucy64.occupancy
+    config = FitConfig(
+        n_scales=3, block=8, max_iters=120, prune_mse=2e-3, metric_every=20, points_per_block=200
+    )
+    reference = fit(occupancy, config, device="cpu")
+    checkpoints = []
+    calls = {"n": 0}
+
+    def stop_in_scale_one() -> bool:  # polled once per iteration
+        calls["n"] += 1
+        return calls["n"] == 120 + 37  # scale 2 ran its 120 iterations; scale 1 at 37
+
+    with pytest.raises(FitInterrupted):
+        fit(
+            occupancy,
+            config,
+            device="cpu",
+            checkpoint=checkpoints.append,
+            checkpoint_seconds=1e9,
+            stop_requested=stop_in_scale_one,
+        )
+    last = checkpoints[-1]
+    assert last.state["scale"] == 1 and last.state["iteration"] == 37
+    assert last.state["adam_step"] == 37
+    history = []
+    resumed = fit(occupancy, config, device="cpu", resume=last, callback=history.append)
+    event = next(r for r in history if r["event"] == "resumed")
+    assert (event["scale"], event["iteration"], event["adam_step"]) == (1, 37, 37)
+    # optimiser moments, sampler and bookkeeping restored: the same model as without the stop
+    for j in range(3):
+        assert torch.equal(resumed.model.decode(j), reference.model.decode(j))
+    assert resumed.summary["iou"] == reference.summary["iou"]
+
+
+def test_nan_loss_stops_with_a_clear_error(lucy64):
+    config = FitConfig(n_scales=2, block=8, max_iters=50, lr=1e30, prune_mse=0.0)
+    with pytest.raises(MinerError, match="the loss became"):
+        fit(lucy64.occupancy[:32, :24, :32], config, device="cpu")
