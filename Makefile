@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/miner3d voxelize meshes/lucy.ply --resolution 256 -o runs/demo/lucy-256.npz --force
+	$(BIN)/miner3d fit meshes/lucy.ply -o runs/demo --force
 
 lint: $(STAMP)
 	$(BIN)/ruff check miner3d tests scripts

@@ -72,7 +72,164 @@ def _build_parser() -> argparse.ArgumentParser:
     vox.add_argument("--force", action="store_true", help="overwrite an existing output file")
     vox.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     vox.set_defaults(func=_cmd_voxelize)
+
+    fit = sub.add_parser(
+        "fit",
+        help="fit a MINER model to a mesh, a voxel grid or an image",
+        description="Fit a multiscale model coarse to fine. Without INPUT: the bundled Lucy.",
+    )
+    fit.add_argument(
+        "input",
+        type=Path,
+        nargs="?",
+        help="mesh, grid (.npz from voxelize) or image (default meshes/lucy.ply)",
+    )
+    fit.add_argument("--config", type=Path, help="a YAML config file (instead of a preset)")
+    fit.add_argument("--preset", help="cpu, lucy or image (default: by device and input)")
+    fit.add_argument("-r", "--resolution", type=int, help="voxels along the longest axis")
+    fit.add_argument("--scales", type=int, help="number of pyramid scales")
+    fit.add_argument("--block", type=int, help="block edge in samples")
+    fit.add_argument("--features", type=int, help="hidden features per layer")
+    fit.add_argument("--layers", type=int, help="hidden layers")
+    fit.add_argument("--w0", type=float, help="SIREN frequency factor")
+    fit.add_argument("--lr", type=float, help="learning rate")
+    fit.add_argument("--iters", type=int, help="iteration cap per scale")
+    fit.add_argument("--target", type=float, help="stop at this IoU (or PSNR) at the finest scale")
+    fit.add_argument("--time-limit", type=float, help="stop after this many seconds")
+    fit.add_argument("--device", help="auto, cpu or cuda")
+    fit.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override any config field, e.g. --set fit.prune_mse=1e-3 (repeatable)",
+    )
+    fit.add_argument("-o", "--output", type=Path, help="run directory (default runs/NAME-TIME)")
+    fit.add_argument("--force", action="store_true", help="overwrite an existing run directory")
+    fit.add_argument("--resume", type=Path, metavar="RUN", help="continue an interrupted run")
+    fit.add_argument(
+        "--max-memory",
+        type=_size,
+        default=None,
+        help="memory budget, e.g. 8GB (default: what is available)",
+    )
+    fit.add_argument("-q", "--quiet", action="store_true", help="no progress, no summary")
+    fit.set_defaults(func=_cmd_fit)
     return parser
+
+
+_FIT_FLAGS = {
+    "resolution": "resolution",
+    "scales": "fit.n_scales",
+    "block": "fit.block",
+    "features": "fit.hidden",
+    "layers": "fit.hidden_layers",
+    "w0": "fit.w0",
+    "lr": "fit.lr",
+    "iters": "fit.max_iters",
+    "target": "fit.target",
+    "time_limit": "fit.time_limit",
+    "device": "device",
+}
+
+
+def _cmd_fit(args: argparse.Namespace) -> int:
+    from .config import parse_assignments
+    from .runs import describe_summary, run_fit
+
+    overrides = {
+        field: getattr(args, flag)
+        for flag, field in _FIT_FLAGS.items()
+        if getattr(args, flag) is not None
+    }
+    overrides.update(parse_assignments(args.set))
+    if args.resume is not None and (args.input or overrides or args.config or args.preset):
+        raise MinerError(
+            "--resume continues a run with its own input and config; give nothing else"
+        )
+    if args.config is not None and args.preset is not None:
+        raise MinerError("give --config or --preset, not both")
+    progress = None if args.quiet else _FitProgress()
+    try:
+        summary = run_fit(
+            args.input,
+            preset=args.preset,
+            config_file=args.config,
+            overrides=overrides,
+            output=args.output,
+            force=args.force,
+            resume=args.resume,
+            max_memory=args.max_memory,
+            progress=progress,
+            banner=None if args.quiet else (lambda text: print(text, flush=True)),
+        )
+    finally:
+        if progress is not None:
+            progress.close()
+    if not args.quiet:
+        for line in describe_summary(summary):
+            print(line)
+        print(f"outputs in {summary['run_dir']}")
+    return 0
+
+
+class _FitProgress:
+    """A rich progress bar per scale: iterations with ETA, live blocks, loss and quality."""
+
+    def __init__(self):
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.progress = Progress(
+            TextColumn("scale {task.fields[scale]}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[status]}"),
+            transient=False,
+        )
+        self.tasks: dict[int, int] = {}
+        self.started = False
+        self.max_iters = 0  # a resumed scale has no scale_start record
+
+    def __call__(self, record: dict) -> None:
+        if not self.started:
+            self.progress.start()
+            self.started = True
+        scale = record.get("scale")
+        event = record.get("event")
+        if event == "scale_start" or (event == "resumed" and scale not in self.tasks):
+            total = record.get("max_iters") or self.max_iters or None
+            self.tasks[scale] = self.progress.add_task("", total=total, scale=scale, status="")
+        task = self.tasks.get(scale)
+        if task is None:
+            return
+        if event == "iteration":
+            status = (
+                f"loss {record['loss']:.2e} | live {record['live_blocks']}/"
+                f"{record['mlp_blocks']} blocks"
+            )
+            if "iou" in record:
+                status += f" IoU {record['iou']:.5f}"
+            if "psnr" in record:
+                status += f" {record['psnr']:.2f} dB"
+            self.progress.update(task, completed=record["iteration"], status=status)
+        elif event == "scale_end":
+            quality = f"IoU {record['iou']:.5f}" if "iou" in record else f"{record['psnr']:.2f} dB"
+            done = self.progress.tasks[task].completed or 1
+            blocks = f"{record['mlp_blocks']}/{record['blocks']} MLPs"
+            self.progress.update(task, total=done, completed=done, status=f"{blocks} {quality}")
+
+    def close(self) -> None:
+        if self.started:
+            self.progress.stop()
 
 
 def _cmd_voxelize(args: argparse.Namespace) -> int:

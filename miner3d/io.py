@@ -37,6 +37,9 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
     except OSError as exc:
         raise MinerError(f"cannot write to {folder}: {exc.strerror or exc}") from None
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp_name, 0o666 & ~umask)  # mkstemp makes 0600; give what open() would
     tmp = Path(tmp_name)
     try:
         yield tmp

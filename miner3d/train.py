@@ -483,6 +483,7 @@ class _Trainer:
                 {
                     "event": "scale_start",
                     "scale": j,
+                    "max_iters": c.max_iters,
                     "blocks": self.layout.n_blocks(j),
                     "mlp_blocks": n_live,
                     "params": params_now,
