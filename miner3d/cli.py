@@ -115,7 +115,124 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     fit.add_argument("-q", "--quiet", action="store_true", help="no progress, no summary")
     fit.set_defaults(func=_cmd_fit)
+
+    ext = sub.add_parser(
+        "extract",
+        help="a mesh from a fitted 3D model at any level of detail",
+        description="Marching cubes on the model; the format follows -o.",
+    )
+    ext.add_argument("model", type=Path, help="model.safetensors")
+    ext.add_argument(
+        "-o", "--output", type=Path, required=True, help="mesh file: .ply .obj .stl .glb .off"
+    )
+    ext.add_argument("--scale", type=int, default=0, help="level of detail (0: finest)")
+    ext.add_argument(
+        "-r",
+        "--resolution",
+        type=int,
+        help="samples along the longest axis (default: the scale's own grid)",
+    )
+    ext.add_argument("--level", type=float, default=0.5, help="iso level (default 0.5)")
+    ext.add_argument("--force", action="store_true", help="overwrite an existing file")
+    ext.set_defaults(func=_cmd_extract)
+
+    ev = sub.add_parser(
+        "eval",
+        help="IoU, Chamfer distance and F-score of a fitted 3D model",
+        description="Metrics per level of detail; prints a table, writes JSON.",
+    )
+    ev.add_argument("model", type=Path, help="model.safetensors (in its run directory)")
+    ev.add_argument(
+        "--mesh",
+        type=Path,
+        help="source mesh for point IoU / Chamfer / F-score (default: the model's)",
+    )
+    ev.add_argument(
+        "--grid",
+        type=Path,
+        help="voxel grid for full-grid IoU (default: grid.npz beside the model)",
+    )
+    ev.add_argument("--points", type=int, default=1_000_000, help="random points for point IoU")
+    ev.add_argument("--surface", type=int, default=100_000, help="surface samples per mesh")
+    ev.add_argument("-o", "--output", type=Path, help="JSON (default: eval.json beside the model)")
+    ev.set_defaults(func=_cmd_eval)
+
+    view = sub.add_parser(
+        "view",
+        help="pictures of a fitted model and its training history",
+        description="Every level of detail beside its blocks; --screenshot renders off-screen.",
+    )
+    view.add_argument("model", type=Path, help="model.safetensors")
+    view.add_argument("--screenshot", type=Path, help="write a PNG instead of opening a window")
+    view.add_argument(
+        "--plot", type=Path, help="also plot quality against time from metrics.csv beside the model"
+    )
+    view.set_defaults(func=_cmd_view)
     return parser
+
+
+def _cmd_extract(args: argparse.Namespace) -> int:
+    from .extract import marching_cubes, save_mesh
+    from .model import MinerModel
+
+    if args.output.exists() and not args.force:
+        raise MinerError(f"{args.output} exists; pass --force to overwrite it")
+    model = MinerModel.load(args.model)
+    if not 0 <= args.scale < model.layout.n_scales:
+        raise MinerError(f"--scale must be in [0, {model.layout.n_scales - 1}]")
+    vertices, faces = marching_cubes(model, args.scale, args.level, resolution=args.resolution)
+    save_mesh(vertices, faces, args.output)
+    print(
+        f"{args.output}: {len(vertices):,} vertices, {len(faces):,} triangles (scale {args.scale})"
+    )
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate, format_table
+    from .grid import OccupancyGrid
+    from .model import MinerModel
+    from .runs import write_json
+
+    model = MinerModel.load(args.model)
+    if model.layout.ndim != 3:
+        raise MinerError("eval measures 3D models; image runs report PSNR in summary.json")
+    grid_path = args.grid or args.model.parent / "grid.npz"
+    occupancy = OccupancyGrid.load(grid_path).occupancy if grid_path.exists() else None
+    mesh = args.mesh
+    if mesh is None and model.meta.get("kind") == "mesh" and Path(model.meta["source"]).exists():
+        mesh = Path(model.meta["source"])
+    if occupancy is None and mesh is None:
+        raise MinerError("nothing to compare with: pass --grid and/or --mesh")
+    results = evaluate(model, occupancy, mesh, args.points, args.surface)
+    for line in format_table(results):
+        print(line)
+    output = args.output or args.model.parent / "eval.json"
+    write_json(output, results)
+    print(f"written {output}")
+    return 0
+
+
+def _cmd_view(args: argparse.Namespace) -> int:
+    from .model import MinerModel
+    from .viz import plot_history, render_image_levels, render_levels
+
+    model = MinerModel.load(args.model)
+    if model.layout.ndim == 2:
+        if args.screenshot is None:
+            raise MinerError("image models are drawn to a file: pass --screenshot out.png")
+        render_image_levels(model, args.screenshot)
+    else:
+        render_levels(model, args.screenshot)
+    if args.screenshot is not None:
+        print(f"written {args.screenshot}")
+    if args.plot is not None:
+        metrics = args.model.parent / "metrics.csv"
+        if not metrics.exists():
+            raise MinerError(f"no metrics.csv beside {args.model}")
+        plot_history(metrics, args.plot)
+        print(f"written {args.plot}")
+    return 0
 
 
 _FIT_FLAGS = {

@@ -1,24 +1,55 @@
 """Meshes from a fitted model: marching cubes (scikit-image) slab by slab, seams welded.
 
-The reconstruction at a level of detail is decoded one layer of blocks at a time (a slab of
-``b`` sample planes plus the first plane of the next layer, so neighbouring slabs share one
-plane), marching cubes runs on each slab that crosses the level, and the vertices on the
-shared planes, computed from identical values by identical arithmetic, are welded. The result
-equals marching cubes on the dense grid, without ever holding it: peak memory is two layers of
-blocks (``2 * b * P1 * P2 * 4`` bytes) plus the mesh.
+The reconstruction is produced a slab of planes at a time along axis 0 (neighbouring slabs
+share one plane), marching cubes runs on each slab that crosses the level, and the vertices on
+the shared planes, computed from identical values by identical arithmetic, are welded. The
+result equals marching cubes on the dense grid, without ever holding it. Two sources of slabs:
+
+* the training grid of a level of detail, decoded one layer of blocks at a time (peak memory:
+  two layers, ``2 * b * P1 * P2 * 4`` bytes, plus the mesh);
+* any other resolution, by querying the continuous model at the new grid's voxel centres
+  (peak memory: one slab of points, 16 planes, plus the mesh).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .errors import MinerError
+from .grid import GridTransform
 from .model import MinerModel
 
 MESH_OUTPUTS = (".ply", ".obj", ".stl", ".glb", ".off")
+
+
+def _march_slabs(
+    n_planes: int, planes: Callable[[int, int], np.ndarray], thickness: int, level: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Marching cubes over slabs ``[lo, lo + thickness + 1)``; vertices in index units."""
+    from skimage.measure import marching_cubes as skimage_mc
+
+    verts, faces, n_verts = [], [], 0
+    for lo in range(0, n_planes - 1, thickness):
+        slab = planes(lo, min(lo + thickness + 1, n_planes))
+        if slab.shape[0] >= 2 and slab.min() < level < slab.max():
+            v, f, _, _ = skimage_mc(slab, level=level, allow_degenerate=False)
+            v = v.astype(np.float64)  # slab-local float32 positions, offset exactly
+            v[:, 0] += lo
+            verts.append(v)
+            faces.append(f + n_verts)
+            n_verts += len(v)
+    if not verts:
+        raise MinerError(f"the reconstruction never crosses the level {level}")
+    vertices = np.concatenate(verts)
+    triangles = np.concatenate(faces).astype(np.int64)
+    # weld the copies of vertices on the planes two slabs share (bitwise identical)
+    vertices, inverse = np.unique(vertices, axis=0, return_inverse=True)
+    return vertices, inverse.reshape(-1)[triangles]
 
 
 def _layer(model: MinerModel, scale: int, layer: int, batch: int) -> np.ndarray:
@@ -26,16 +57,13 @@ def _layer(model: MinerModel, scale: int, layer: int, batch: int) -> np.ndarray:
     from .blocks import scatter_blocks
 
     layout = model.layout
-    per_layer = int(np.prod(layout.grid(scale)[1:]))
+    per_layer = math.prod(layout.grid(scale)[1:])
     slab = torch.zeros(
         (model.channels, layout.block, *layout.scale_shape(scale)[1:]), device=model.device
     )
     for start in range(0, per_layer, batch):
-        ids = torch.arange(
-            layer * per_layer + start,
-            layer * per_layer + min(start + batch, per_layer),
-            device=model.device,
-        )
+        first = layer * per_layer + start
+        ids = torch.arange(first, first + min(batch, per_layer - start), device=model.device)
         coords = layout.unravel(scale, ids)
         coords[:, 0] = 0
         scatter_blocks(slab, layout.block, coords, model.evaluate_blocks(scale, ids))
@@ -43,54 +71,71 @@ def _layer(model: MinerModel, scale: int, layer: int, batch: int) -> np.ndarray:
 
 
 def marching_cubes(
-    model: MinerModel, scale: int = 0, level: float = 0.5, batch: int = 1024
+    model: MinerModel,
+    scale: int = 0,
+    level: float = 0.5,
+    batch: int = 1024,
+    resolution: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Surface of the model's first channel at ``level``, at level of detail ``scale``.
 
+    Args:
+        resolution: voxels along the longest axis to sample at (default: that scale's own
+            grid); the model is continuous, so any resolution can be asked for.
+
     Returns:
-        vertices ``(V, d=3)`` float64 in the input's own coordinates (through the model's
+        vertices ``(V, 3)`` float64 in the input's own coordinates (through the model's
         transform, or in full-resolution grid coordinates if it has none), and faces
         ``(F, 3)`` int64, oriented outwards (towards values below ``level``).
     """
-    from skimage.measure import marching_cubes as skimage_mc
-
     layout = model.layout
     if layout.ndim != 3:
         raise MinerError("marching cubes needs a 3D model")
-    valid = layout.valid_shape(scale)
-    b = layout.block
-    n_layers = layout.grid(scale)[0]
-    verts, faces, n_verts = [], [], 0
-    current = _layer(model, scale, 0, batch)
-    for layer in range(n_layers):
-        following = _layer(model, scale, layer + 1, batch) if layer + 1 < n_layers else None
-        extra = following[:1] if following is not None else np.empty((0, *current.shape[1:]))
-        slab = np.concatenate([current, extra], axis=0)
-        x0 = layer * b
-        slab = slab[: max(0, valid[0] - x0), : valid[1], : valid[2]]
-        if slab.shape[0] >= 2 and slab.min() < level < slab.max():
-            v, f, _, _ = skimage_mc(slab, level=level, allow_degenerate=False)
-            v = v.astype(np.float64)  # slab-local float32 positions, offset exactly
-            v[:, 0] += x0
-            verts.append(v)
-            faces.append(f + n_verts)
-            n_verts += len(v)
-        if following is None:
-            break
-        current = following
-    if not verts:
-        raise MinerError(f"the reconstruction at scale {scale} never crosses the level {level}")
-    vertices = np.concatenate(verts).astype(np.float64)
-    triangles = np.concatenate(faces).astype(np.int64)
-    # weld the copies of vertices on the planes two slabs share (bitwise identical)
-    vertices, inverse = np.unique(vertices, axis=0, return_inverse=True)
-    triangles = inverse.reshape(-1)[triangles]
-    # sample index i sits at grid coordinate (i + 0.5) * 2^scale
-    grid = (vertices + 0.5) * 2**scale
+    if resolution is None:
+        valid = layout.valid_shape(scale)
+        cache: dict[int, np.ndarray] = {}
+
+        def planes(lo: int, hi: int) -> np.ndarray:
+            needed = range(lo // layout.block, (hi - 1) // layout.block + 1)
+            for key in [k for k in cache if k not in needed]:
+                del cache[key]
+            for k in needed:
+                if k not in cache:
+                    cache[k] = _layer(model, scale, k, batch)
+            stacked = np.concatenate([cache[k] for k in needed])
+            start = lo - needed[0] * layout.block
+            return stacked[start : start + hi - lo, : valid[1], : valid[2]]
+
+        vertices, faces = _march_slabs(valid[0], planes, layout.block, level)
+        grid = (vertices + 0.5) * 2**scale  # sample i of scale j is at (i + 0.5) * 2^j
+    else:
+        sampling = resample_transform(layout.shape, resolution)
+
+        def planes(lo: int, hi: int) -> np.ndarray:
+            idx = np.meshgrid(
+                np.arange(lo, hi), *(np.arange(n) for n in sampling.shape[1:]), indexing="ij"
+            )
+            points = np.stack([i.reshape(-1) for i in idx], axis=1) + 0.5
+            values = model.query(sampling.grid_to_world(points), grid_coords=True, from_scale=scale)
+            return values[:, 0].reshape(hi - lo, *sampling.shape[1:]).cpu().numpy()
+
+        vertices, faces = _march_slabs(sampling.shape[0], planes, 16, level)
+        grid = sampling.grid_to_world(vertices + 0.5)
     vertices = model.transform.grid_to_world(grid) if model.transform is not None else grid
-    if _signed_volume(vertices, triangles) < 0:
-        triangles = triangles[:, ::-1].copy()
-    return vertices, triangles
+    if _signed_volume(vertices, faces) < 0:
+        faces = faces[:, ::-1].copy()
+    return vertices, faces
+
+
+def resample_transform(shape: tuple[int, ...], resolution: int) -> GridTransform:
+    """A grid of ``resolution`` samples along the longest axis over the same extent as a grid
+    of ``shape``, expressed in that grid's coordinates (origin 0, unit voxels)."""
+    from .grid import check_resolution
+
+    check_resolution(resolution)
+    voxel = max(shape) / resolution
+    new_shape = tuple(max(1, round(n / voxel)) for n in shape)
+    return GridTransform((0.0,) * len(shape), voxel, new_shape, "xyz"[: len(shape)])
 
 
 def _signed_volume(vertices: np.ndarray, faces: np.ndarray) -> float:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 IOU_THRESHOLDS = (0.5, 0.4)
@@ -88,3 +89,28 @@ def iou(pred, truth) -> float:
     inter = (pred & truth).sum()
     union = (pred | truth).sum()
     return float(inter) / float(union) if union else 1.0
+
+
+def chamfer_fscore(
+    a: np.ndarray, b: np.ndarray, threshold: float
+) -> tuple[float, float, float, float]:
+    """Chamfer distance and F-score between two point samples of surfaces.
+
+    Args:
+        a, b: ``(N, 3)`` and ``(M, 3)`` surface samples.
+        threshold: distance under which a sample counts as matched (F-score).
+
+    Returns:
+        ``(chamfer, fscore, precision, recall)``: chamfer is the mean of the two directions'
+        mean nearest-neighbour distances; precision is the fraction of ``a`` within
+        ``threshold`` of ``b``, recall the fraction of ``b`` within it of ``a``.
+    """
+    from scipy.spatial import cKDTree
+
+    d_ab = cKDTree(b).query(a, workers=-1)[0]
+    d_ba = cKDTree(a).query(b, workers=-1)[0]
+    chamfer = 0.5 * (float(d_ab.mean()) + float(d_ba.mean()))
+    precision = float((d_ab < threshold).mean())
+    recall = float((d_ba < threshold).mean())
+    fscore = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return chamfer, fscore, precision, recall

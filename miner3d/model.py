@@ -182,13 +182,16 @@ class MinerModel:
         return field[crop]
 
     @torch.no_grad()
-    def query(self, points: np.ndarray | torch.Tensor, grid_coords: bool = False) -> torch.Tensor:
+    def query(
+        self, points: np.ndarray | torch.Tensor, grid_coords: bool = False, from_scale: int = 0
+    ) -> torch.Tensor:
         """The model at arbitrary points.
 
         Args:
             points: ``(P, d)`` in the input's own coordinates (through :attr:`transform`), or
                 continuous full-resolution grid coordinates if ``grid_coords`` (voxel ``i``'s
                 centre at ``i + 0.5``).
+            from_scale: level of detail: only scales ``>= from_scale`` are summed.
 
         Returns:
             ``(P, C)`` float32. Points outside the grid take the border value.
@@ -199,11 +202,11 @@ class MinerModel:
             points = self.transform.world_to_grid(np.asarray(points))
         g = torch.as_tensor(np.asarray(points), dtype=torch.float64, device=self.device)
         total = torch.zeros((self.channels, g.shape[0]), device=self.device)
-        for k in range(1, self.layout.n_scales):
+        for k in range(max(1, from_scale), self.layout.n_scales):
             if self.scales[k] is not None:
                 positions = [(g[:, a] / 2**k - 0.5).float() for a in range(self.layout.ndim)]
                 total += interpolate_at(self.residual_field(k), positions)
-        if self.scales[0] is not None:
+        if from_scale == 0 and self.scales[0] is not None:
             total += self._query_finest(g)
         return total.T.contiguous()
 

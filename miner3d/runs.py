@@ -376,7 +376,9 @@ def run_fit(
     write_metrics_csv(run_dir / "metrics.csv", result.history)
 
     t0 = time.perf_counter()
-    outputs = write_levels(result.model, run_dir, config, sig)
+    meshes: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    outputs = write_levels(result.model, run_dir, config, sig, meshes)
+    outputs += write_pictures(result.model, run_dir, result.history, meshes)
     output_seconds = time.perf_counter() - t0
 
     samples = math.prod(shape) * channels
@@ -408,8 +410,42 @@ def run_fit(
     return summary
 
 
-def write_levels(model, run_dir: Path, config: RunConfig, sig: Signal) -> list[str]:
-    """A mesh (3D) or a picture (2D) per level of detail, as the config asks."""
+def write_pictures(
+    model,
+    run_dir: Path,
+    history: list[dict[str, Any]],
+    meshes: dict[int, tuple[np.ndarray, np.ndarray]],
+) -> list[str]:
+    """``levels.png`` (every level of detail beside its blocks) and ``history.png`` (quality
+    against time). A picture that cannot be drawn (no OpenGL) is reported, not fatal."""
+    from .viz import plot_history, render_image_levels, render_levels
+
+    written = []
+    try:
+        if model.layout.ndim == 3:
+            render_levels(model, run_dir / "levels.png", meshes=meshes)
+        else:
+            render_image_levels(model, run_dir / "levels.png")
+        written.append("levels.png")
+    except Exception as exc:  # a missing display library must not lose the fit
+        written.append(f"(levels.png not drawn: {type(exc).__name__}: {exc})")
+    try:
+        plot_history(history, run_dir / "history.png")
+        written.append("history.png")
+    except Exception as exc:  # as above
+        written.append(f"(history.png not drawn: {type(exc).__name__}: {exc})")
+    return written
+
+
+def write_levels(
+    model,
+    run_dir: Path,
+    config: RunConfig,
+    sig: Signal,
+    meshes: dict[int, tuple[np.ndarray, np.ndarray]] | None = None,
+) -> list[str]:
+    """A mesh (3D) or a picture (2D) per level of detail, as the config asks; the meshes are
+    also returned in ``meshes`` for the pictures."""
     scales = list(range(model.layout.n_scales))
     if config.mesh_scales == "finest":
         scales = [0]
@@ -426,6 +462,8 @@ def write_levels(model, run_dir: Path, config: RunConfig, sig: Signal) -> list[s
                 written.append(f"(no mesh at scale {j}: {exc})")
                 continue
             written.append(save_mesh(vertices, faces, run_dir / f"mesh_scale{j}.ply").name)
+            if meshes is not None:
+                meshes[j] = (vertices, faces)
         else:
             written.append(save_image(model.decode(j), sig, run_dir / f"recon_scale{j}.png").name)
     return written

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import trimesh
 import yaml
+from PIL import Image
 from test_cli import assert_one_line_error, run_cli
 
 from miner3d.io import load_mesh
@@ -280,3 +281,48 @@ def test_sigint_checkpoints_and_exits_cleanly(tmp_path, meshes_dir):
     assert proc.returncode == 130
     assert "Traceback" not in stderr and f"--resume {out}" in stderr
     assert (out / "checkpoint.safetensors").exists()
+
+
+def test_run_has_pictures(lucy_run):
+    out, _ = lucy_run
+    for name in ("levels.png", "history.png"):
+        image = np.asarray(Image.open(out / name))
+        assert image.ndim == 3 and (image[..., :3] != image[0, 0, :3]).any(axis=-1).mean() > 0.03
+
+
+def test_extract_eval_view_subcommands(capsys, lucy_run, meshes_dir, tmp_path):
+    out, _ = lucy_run
+    model = out / "model.safetensors"
+    code, stdout, err = run_cli(capsys, "extract", model, "-o", tmp_path / "m.obj", "--scale", 1)
+    assert code == 0, err
+    coarse = trimesh.load(tmp_path / "m.obj", force="mesh")
+    code, _, err = run_cli(
+        capsys, "extract", model, "-o", tmp_path / "fine.stl", "--resolution", 96
+    )
+    assert code == 0, err
+    fine = trimesh.load(tmp_path / "fine.stl", force="mesh")
+    assert fine.is_watertight and len(fine.faces) > len(coarse.faces)
+    code, _, err = run_cli(capsys, "extract", model, "-o", tmp_path / "m.obj")
+    assert_one_line_error(code, err, "--force")
+    code, _, err = run_cli(capsys, "extract", model, "-o", tmp_path / "x.ply", "--scale", 7)
+    assert_one_line_error(code, err, "--scale")
+
+    code, stdout, err = run_cli(
+        capsys, "eval", model, "--points", 20000, "--surface", 5000, "-o", tmp_path / "eval.json"
+    )
+    assert code == 0, err
+    for name in ("iou_grid", "iou_grid_04", "iou_points", "chamfer", "chamfer_pct_diag", "fscore"):
+        assert name in stdout
+    results = json.loads((tmp_path / "eval.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
+    assert results["scales"]["0"]["iou_grid"] == pytest.approx(summary["iou"], abs=1e-12)
+    assert results["scales"]["0"]["iou_points"] > 0.75  # 48 voxels across Lucy: coarse
+    assert results["scales"]["0"]["chamfer_pct_diag"] < 1.0
+
+    code, _, err = run_cli(
+        capsys, "view", model, "--screenshot", tmp_path / "v.png", "--plot", tmp_path / "p.png"
+    )
+    assert code == 0, err
+    assert (tmp_path / "v.png").stat().st_size > 1000 and (tmp_path / "p.png").is_file()
+    code, _, err = run_cli(capsys, "view", tmp_path / "nope.safetensors")
+    assert_one_line_error(code, err, "model file not found")

@@ -1,0 +1,211 @@
+"""Pictures: PyVista renders of every level of detail beside its blocks (the paper's Fig. 1 /
+Fig. 8), image reconstructions with their blocks outlined (Fig. 4), and quality-against-time
+plots with the scale switches marked (Fig. 3 / 5). PyVista and matplotlib are imported only
+here, and only when a picture is drawn; everything renders off-screen for servers and CI."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import MinerError
+from .io import atomic_write
+from .model import MinerModel
+
+
+def _pyvista():
+    """Import PyVista; without a display, ask VTK for its EGL window straight away (otherwise it
+    tries X first and prints a warning before falling back)."""
+    if not os.environ.get("DISPLAY"):
+        os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
+    import pyvista as pv
+
+    return pv
+
+
+def block_outlines(model: MinerModel, scale: int):
+    """``pyvista.PolyData`` of the 12 edges of every block of ``scale`` that has an MLP, in the
+    input's coordinates."""
+    pv = _pyvista()
+
+    layout = model.layout
+    bank = model.scales[scale]
+    if bank is None or len(bank.block_ids) == 0:
+        return pv.PolyData()
+    coords = layout.unravel(scale, bank.block_ids).cpu().numpy().astype(np.float64)
+    size = layout.block * 2**scale  # block edge in full-resolution voxels
+    corners = np.array([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)], float)
+    points = (coords[:, None, :] + corners[None]) * size  # (n, 8, 3) grid coordinates
+    if model.transform is not None:
+        points = model.transform.grid_to_world(points)
+    edges = np.array(
+        [
+            [0, 1],
+            [2, 3],
+            [4, 5],
+            [6, 7],
+            [0, 2],
+            [1, 3],
+            [4, 6],
+            [5, 7],
+            [0, 4],
+            [1, 5],
+            [2, 6],
+            [3, 7],
+        ]
+    )
+    n = len(coords)
+    lines = (edges[None] + 8 * np.arange(n)[:, None, None]).reshape(-1, 2)
+    cells = np.hstack([np.full((len(lines), 1), 2), lines]).ravel()
+    return pv.PolyData(points.reshape(-1, 3), lines=cells)
+
+
+def render_levels(
+    model: MinerModel,
+    path: str | Path | None = None,
+    window_size: tuple[int, int] | None = None,
+    meshes: dict[int, tuple[np.ndarray, np.ndarray]] | None = None,
+) -> np.ndarray:
+    """Every level of detail of a 3D model (top row) over its blocks with an MLP drawn as
+    wireframe cubes (bottom row), coarsest on the left. Writes a PNG if ``path`` is given
+    (off-screen); with no path and a display, opens an interactive window.
+
+    Returns:
+        the rendered image, ``(H, W, 3)`` uint8.
+    """
+    pv = _pyvista()
+
+    from .extract import marching_cubes
+
+    n = model.layout.n_scales
+    window_size = window_size or (320 * n, 640)
+    off_screen = path is not None
+    plotter = pv.Plotter(shape=(2, n), off_screen=off_screen, window_size=window_size, border=False)
+    for col, j in enumerate(range(n - 1, -1, -1)):
+        if meshes is not None and j in meshes:
+            vertices, faces = meshes[j]
+        else:
+            try:
+                vertices, faces = marching_cubes(model, scale=j)
+            except MinerError:
+                vertices, faces = None, None
+        surface = None
+        if vertices is not None:
+            cells = np.hstack([np.full((len(faces), 1), 3), faces]).ravel()
+            surface = pv.PolyData(vertices, cells)
+        plotter.subplot(0, col)
+        plotter.add_text(f"scale {j}", font_size=10)
+        if surface is not None:
+            plotter.add_mesh(surface, color="tan", smooth_shading=True)
+        plotter.subplot(1, col)
+        plotter.add_text(f"{model.mlp_blocks(j)} blocks", font_size=10)
+        outlines = block_outlines(model, j)
+        if outlines.n_points:
+            plotter.add_mesh(outlines, color="steelblue", line_width=1)
+        if surface is not None:
+            plotter.add_mesh(surface, color="tan", opacity=0.25)
+        plotter.view_isometric()
+        plotter.subplot(0, col)
+        plotter.view_isometric()
+    if off_screen:
+        image = plotter.screenshot(return_img=True)
+        plotter.close()
+        _save_png(image, Path(path))
+        return image
+    plotter.show()
+    return plotter.last_image
+
+
+def render_image_levels(model: MinerModel, path: str | Path) -> np.ndarray:
+    """Each level of detail of a 2D model with its blocks with an MLP outlined (Fig. 4)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.collections import LineCollection
+
+    n = model.layout.n_scales
+    fig, axes = plt.subplots(1, n, figsize=(4 * n, 4), squeeze=False)
+    for col, j in enumerate(range(n - 1, -1, -1)):
+        values = model.decode(j).clamp(0, 1).cpu().numpy()
+        image = values[0] if values.shape[0] == 1 else np.moveaxis(values[:3], 0, -1)
+        ax = axes[0, col]
+        ax.imshow(image, cmap="gray" if image.ndim == 2 else None, vmin=0, vmax=1)
+        bank = model.scales[j]
+        if bank is not None and len(bank.block_ids):
+            b = model.layout.block
+            rc = model.layout.unravel(j, bank.block_ids).cpu().numpy() * b - 0.5
+            segments = []
+            for r, c in rc:
+                segments += [
+                    [(c, r), (c + b, r)],
+                    [(c + b, r), (c + b, r + b)],
+                    [(c + b, r + b), (c, r + b)],
+                    [(c, r + b), (c, r)],
+                ]
+            ax.add_collection(LineCollection(segments, colors="yellow", linewidths=0.5))
+        ax.set_title(f"scale {j}: {model.mlp_blocks(j)} blocks")
+        ax.axis("off")
+    return _save_figure(fig, Path(path))
+
+
+def plot_history(history: list[dict[str, Any]] | str | Path, path: str | Path) -> np.ndarray:
+    """Quality (IoU or PSNR) against wall time, scale switches marked, from a history or
+    ``metrics.csv``. Writes a PNG and returns it as an array."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not isinstance(history, list):
+        with open(history, newline="") as fh:
+            history = list(csv.DictReader(fh))
+    metric = "iou" if any(r.get("iou") not in (None, "") for r in history) else "psnr"
+    points = [
+        (float(r["time"]), float(r[metric]), int(r["scale"]))
+        for r in history
+        if r.get(metric) not in (None, "") and r.get("event") in ("iteration", "scale_end")
+    ]
+    if not points:
+        raise MinerError("the history holds no quality measurement to plot")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    t, q, _ = zip(*points, strict=True)
+    ax.plot(t, q, marker=".", color="tab:blue", label="miner3d")
+    for r in history:
+        if r.get("event") == "scale_end":
+            ax.axvline(float(r["time"]), color="gray", linestyle=":", linewidth=1)
+            ax.text(
+                float(r["time"]),
+                ax.get_ylim()[0],
+                f" {r['scale']}",
+                color="gray",
+                fontsize=8,
+                va="bottom",
+            )
+    ax.set_xlabel("wall time (s)")
+    ax.set_ylabel("full-grid IoU (threshold 0.5)" if metric == "iou" else "PSNR (dB)")
+    ax.set_title("quality against time; dotted: end of each scale")
+    ax.grid(alpha=0.3)
+    return _save_figure(fig, Path(path))
+
+
+def _save_figure(fig, path: Path) -> np.ndarray:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.canvas.draw()
+    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig)
+    _save_png(image, path)
+    return image
+
+
+def _save_png(image: np.ndarray, path: Path) -> None:
+    from PIL import Image
+
+    with atomic_write(path) as tmp:
+        Image.fromarray(image).save(tmp, format="PNG")
