@@ -129,8 +129,7 @@ def _build_parser() -> argparse.ArgumentParser:
     ext.add_argument(
         "-r",
         "--resolution",
-        type=int,
-        help="samples along the longest axis (default: the scale's own grid)",
+        help="3D: samples along the longest axis; images: WxH (default: the scale's own grid)",
     )
     ext.add_argument("--level", type=float, default=0.5, help="iso level (default 0.5)")
     ext.add_argument("--force", action="store_true", help="overwrite an existing file")
@@ -180,11 +179,47 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     model = MinerModel.load(args.model)
     if not 0 <= args.scale < model.layout.n_scales:
         raise MinerError(f"--scale must be in [0, {model.layout.n_scales - 1}]")
-    vertices, faces = marching_cubes(model, args.scale, args.level, resolution=args.resolution)
+    if model.layout.ndim == 2:
+        return _extract_image(model, args)
+    resolution = None
+    if args.resolution is not None:
+        try:
+            resolution = int(args.resolution)
+        except ValueError:
+            raise MinerError(
+                f"--resolution takes a number for 3D models, got {args.resolution!r}"
+            ) from None
+    vertices, faces = marching_cubes(model, args.scale, args.level, resolution=resolution)
     save_mesh(vertices, faces, args.output)
     print(
         f"{args.output}: {len(vertices):,} vertices, {len(faces):,} triangles (scale {args.scale})"
     )
+    return 0
+
+
+def _extract_image(model, args: argparse.Namespace) -> int:
+    """Render a 2D model at any size (super-resolution by querying the continuous model)."""
+    import numpy as np
+
+    from .runs import Signal, save_image
+
+    height, width = model.layout.shape
+    if args.resolution is not None:
+        w, sep, h = str(args.resolution).lower().partition("x")
+        if not sep or not w.isdigit() or not h.isdigit() or int(w) < 1 or int(h) < 1:
+            raise MinerError(f"--resolution takes WxH for images, got {args.resolution!r}")
+        width, height = int(w), int(h)
+    if (height, width) == tuple(model.layout.valid_shape(args.scale)):
+        values = model.decode(args.scale)
+    else:  # sample centres of the new grid, in the model's pixel coordinates
+        rows = (np.arange(height) + 0.5) * model.layout.shape[0] / height
+        cols = (np.arange(width) + 0.5) * model.layout.shape[1] / width
+        grid = np.stack(np.meshgrid(rows, cols, indexing="ij"), axis=-1).reshape(-1, 2)
+        values = model.query(grid, grid_coords=True, from_scale=args.scale)
+        values = values.T.reshape(model.channels, height, width)
+    dtype = model.meta.get("dtype", "uint8")
+    save_image(values, Signal(None, False, 1.0, None, {"dtype": dtype}), args.output)
+    print(f"{args.output}: {width}x{height} ({dtype}, scale {args.scale})")
     return 0
 
 

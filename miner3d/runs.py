@@ -381,6 +381,19 @@ def run_fit(
     outputs += write_pictures(result.model, run_dir, result.history, meshes)
     output_seconds = time.perf_counter() - t0
 
+    thresholds = (0.99, 0.995, 0.999) if sig.occupancy else (30.0, 35.0, 40.0)
+    metric = "iou" if sig.occupancy else "psnr"
+    time_to = {}
+    for threshold in thresholds:
+        hit = next(
+            (
+                r["time"]
+                for r in result.history
+                if r.get("scale") == 0 and r.get(metric, -1) >= threshold
+            ),
+            None,
+        )
+        time_to[str(threshold)] = hit
     samples = math.prod(shape) * channels
     model_bytes = model_path.stat().st_size
     reference_bytes = samples / 8 if sig.occupancy else samples * sig.data.dtype.itemsize
@@ -390,6 +403,7 @@ def run_fit(
         "device": f"{device.type} ({name})",
         "shape": list(shape),
         **result.summary,
+        f"seconds_to_{metric}": time_to,
         "model_bytes": model_bytes,
         "compression_ratio": reference_bytes / model_bytes,
         "compared_with": "bit-packed grid" if sig.occupancy else "raw samples",
@@ -471,14 +485,14 @@ def write_levels(
 
 def save_image(values, sig: Signal, path: Path) -> Path:
     """(C, H, W) float values in [0, 1] to an 8- or 16-bit PNG like the input's."""
-    from skimage import io as skio
+    import imageio.v3 as iio
 
     array = values.clamp(0, 1).cpu().numpy()
     dtype = np.uint16 if sig.info.get("dtype") == "uint16" else np.uint8
     array = np.rint(array * np.iinfo(dtype).max).astype(dtype)
     array = array[0] if array.shape[0] == 1 else np.moveaxis(array, 0, -1)
     with atomic_write(path) as tmp:
-        skio.imsave(tmp, array, check_contrast=False, extension=".png")
+        iio.imwrite(tmp, array, extension=path.suffix or ".png")
     return path
 
 
