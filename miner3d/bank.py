@@ -95,6 +95,22 @@ class MLPBank:
                 x = torch.sin(self.shape.w0 * x)
         return x
 
+    @torch.no_grad()
+    def evaluate(
+        self, coords: torch.Tensor, rows: torch.Tensor | None = None, budget: int = 1 << 24
+    ) -> torch.Tensor:
+        """:meth:`forward` without gradients, in chunks of samples so that no activation
+        tensor exceeds ``budget`` elements (one SIREN over a whole grid stays in memory)."""
+        n = len(self) if rows is None else len(rows)
+        chunk = max(1, budget // max(1, n * max(self.shape.hidden, self.shape.out_features)))
+        if coords.shape[-2] <= chunk:
+            return self.forward(coords, rows)
+        parts = [
+            self.forward(coords[..., i : i + chunk, :], rows)
+            for i in range(0, coords.shape[-2], chunk)
+        ]
+        return torch.cat(parts, dim=-2)
+
     def select(self, rows: torch.Tensor) -> MLPBank:
         """A new bank of the given rows (copies)."""
         return MLPBank(self.shape, [p[rows].detach().clone() for p in self.params])

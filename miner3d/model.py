@@ -119,7 +119,7 @@ class MinerModel:
         slots = self._slots[j][ids]
         has = slots >= 0
         if has.any():
-            values = scale.bank.forward(self._coords, rows=slots[has])  # (m, b^d, C)
+            values = scale.bank.evaluate(self._coords, rows=slots[has])  # (m, b^d, C)
             out[has] = values.transpose(1, 2).reshape((-1, self.channels) + (b,) * d)
             if self.gaussian:
                 out[has] -= self.evaluate_blocks(j, ids[has], from_scale=j + 1)

@@ -465,7 +465,7 @@ class _Trainer:
         for start in range(0, n, self.config.batch_blocks):
             sel = torch.arange(start, min(start + self.config.batch_blocks, n), device=self.device)
             sel = sel if rows is None else rows[sel]
-            outs.append(bank.forward(self.coords, rows=sel).transpose(1, 2))
+            outs.append(bank.evaluate(self.coords, rows=sel).transpose(1, 2))
         if not outs:
             return torch.zeros((0, self.channels, self.coords.shape[0]), device=self.device)
         return torch.cat(outs)
@@ -536,6 +536,11 @@ class _Trainer:
                 }
             )
         opt: BankAdam = st["opt"]
+        # the live blocks' data, compacted whenever blocks freeze (no per-iteration gather)
+        st["live_targets"] = targets[st["active"]]
+        st["live_truths"] = None if truths is None else truths[st["active"]]
+        st["live_ids"] = ids[st["active"]]
+        del targets, truths
         n_samples = self.coords.shape[0]
         last_checkpoint = time.perf_counter()
         it = st["it"]
@@ -546,9 +551,9 @@ class _Trainer:
             if 0 < c.points_per_block < n_samples:
                 pick = torch.randperm(n_samples, generator=self.generator)[: c.points_per_block]
                 pick = pick.to(self.device)
-                coords, target = self.coords[pick], targets[active][:, :, pick]
+                coords, target = self.coords[pick], st["live_targets"][:, :, pick]
             else:
-                coords, target = self.coords, targets[active]
+                coords, target = self.coords, st["live_targets"]
             out = opt.bank.forward(coords).transpose(1, 2)  # (n_active, C, P)
             block_mse = (out - target).square().flatten(1).mean(dim=1)
             block_mse.sum().backward()
@@ -561,14 +566,12 @@ class _Trainer:
                     "checkpoint is kept (try a lower lr)"
                 )
             if it % c.freeze_every == 0:
-                self._freeze(j, st, block_mse.detach(), ids, targets, truths)
+                self._freeze(j, st, block_mse.detach())
             active = st["active"]
             record = None
             if j == 0 and c.metric_every and it % c.metric_every == 0:
                 outs = self._full_outputs(opt.bank)
-                live_sums = self._stats(
-                    outs, targets[active], None if truths is None else truths[active], ids[active]
-                )
+                live_sums = self._stats(outs, st["live_targets"], st["live_truths"], st["live_ids"])
                 record = self._metric_fields(pruned_sums.add(st["frozen_sums"]).add(live_sums))
             if record is not None or it % 50 == 0 or it == 1:
                 self._log(
@@ -609,7 +612,7 @@ class _Trainer:
         self.model.set_scale(j, ids, MLPBank(self.model.bank_shape, final))
         self._log({"event": "scale_fitted", "scale": j, "iterations": it})
 
-    def _freeze(self, j, st, block_mse, ids, targets, truths) -> None:
+    def _freeze(self, j, st, block_mse) -> None:
         """Blocks whose MSE reached ``freeze_mse`` leave the optimisation (prune during)."""
         done = block_mse <= self.config.freeze_mse
         if not done.any():
@@ -621,11 +624,18 @@ class _Trainer:
             f[rows] = p.detach()[done]
         if j == 0:
             outs = self._full_outputs(opt.bank, torch.nonzero(done).squeeze(1))
+            truths = st["live_truths"]
             frozen = self._stats(
-                outs, targets[rows], None if truths is None else truths[rows], ids[rows]
+                outs,
+                st["live_targets"][done],
+                None if truths is None else truths[done],
+                st["live_ids"][done],
             )
             st["frozen_sums"] = st["frozen_sums"].add(frozen)
         st["frozen_mse"] += float(block_mse[done].sum())
         keep = torch.nonzero(~done).squeeze(1)
         opt.keep(keep)
         st["active"] = active[keep]
+        for key in ("live_targets", "live_truths", "live_ids"):
+            if st[key] is not None:
+                st[key] = st[key][keep]
