@@ -96,6 +96,18 @@ class BlockLayout:
             positions.append(q.view(view).float())
         return positions
 
+    def block_axis_positions(self, j: int, ids: torch.Tensor, at_scale: int) -> list[torch.Tensor]:
+        """Like :meth:`sample_positions`, as ``d`` tensors ``(n, b)`` (for
+        :func:`pyramid.interpolate_blocks`)."""
+        b = self.block
+        coords = self.unravel(j, ids).to(torch.float64)
+        local = torch.arange(b, dtype=torch.float64, device=ids.device)
+        factor = 2.0 ** (at_scale - j)
+        return [
+            ((coords[:, axis : axis + 1] * b + local + 0.5) / factor - 0.5).float()
+            for axis in range(self.ndim)
+        ]
+
     def valid_mask(self, j: int, ids: torch.Tensor) -> torch.Tensor | None:
         """``(n, b, ..., b)`` bool mask of the samples inside the unpadded signal, or ``None``
         when the grid needs no padding at this scale."""

@@ -33,7 +33,7 @@ from .bank import BankShape, MLPBank
 from .blocks import BlockLayout, local_coordinates, scatter_blocks
 from .errors import MinerError
 from .grid import GridTransform
-from .pyramid import interpolate_at
+from .pyramid import interpolate_at, interpolate_blocks
 
 MODEL_FORMAT_VERSION = 1
 
@@ -157,8 +157,8 @@ class MinerModel:
             if k == s:
                 total += self.block_outputs(s, ids)
             else:
-                positions = self.layout.sample_positions(s, ids, at_scale=k)
-                total += interpolate_at(self.residual_field(k), positions).movedim(0, 1)
+                positions = self.layout.block_axis_positions(s, ids, at_scale=k)
+                total += interpolate_blocks(self.residual_field(k), positions).movedim(0, 1)
         return total
 
     def iter_blocks(

@@ -112,3 +112,52 @@ def upsample(x: torch.Tensor, factor: int) -> torch.Tensor:
         view[axis] = -1
         positions.append(q.view(view))
     return interpolate_at(x, positions)
+
+
+def interpolate_blocks(field: torch.Tensor, positions: list[torch.Tensor]) -> torch.Tensor:
+    """Linear interpolation of a field at the samples of ``n`` blocks, separably.
+
+    The same values as :func:`interpolate_at` on the blocks' sample grids, computed by
+    gathering one small patch per block (``m = ceil((b - 1) / f) + 2`` coarse samples per
+    axis, ``f`` the upsampling factor) and applying a ``(b, m)`` weight matrix per axis: no
+    index tensor of the blocks' full sample count is ever built (that alone would be 8 bytes
+    per output sample per axis).
+
+    Args:
+        field: ``(C, *S)``.
+        positions: ``d`` tensors ``(n, b)``: the index positions of the blocks' samples along
+            each axis (clamped to the border like :func:`interpolate_at`).
+
+    Returns:
+        ``(C, n, b, ..., b)``.
+    """
+    n, b = positions[0].shape
+    d = len(positions)
+    raw_lo = [q[:, 0].floor().long() for q in positions]
+    span = max(int((q[:, -1].floor() - q[:, 0].floor()).max()) if n else 0 for q in positions)
+    m = span + 2
+    patch_index = []
+    weights = []
+    steps = torch.arange(m, device=field.device)
+    for axis, q in enumerate(positions):
+        size = field.shape[1 + axis]
+        idx = (raw_lo[axis][:, None] + steps).clamp(0, size - 1)  # (n, m)
+        view = [n] + [1] * d
+        view[1 + axis] = m
+        patch_index.append(idx.view(view))
+        qc = q.clamp(0.0, float(size - 1))
+        i0 = qc.floor()
+        w = (qc - i0).to(field.dtype)
+        p0 = i0.long() - raw_lo[axis][:, None]  # (n, b) position of the lower neighbour
+        mat = torch.zeros((n, b, m), dtype=field.dtype, device=field.device)
+        mat.scatter_add_(2, p0.unsqueeze(2), (1 - w).unsqueeze(2))
+        mat.scatter_add_(2, (p0 + 1).clamp(max=m - 1).unsqueeze(2), w.unsqueeze(2))
+        weights.append(mat)
+    # broadcast indices of shape (n, m, 1, 1) etc.: n * m^d elements, not n * b^d
+    x = field[(slice(None), *patch_index)]  # (C, n, m, ..., m)
+    for axis in range(d):
+        x = x.movedim(2 + axis, -1)
+        shape = x.shape
+        x = torch.einsum("cnrm,nim->cnri", x.reshape(shape[0], n, -1, m), weights[axis])
+        x = x.reshape(*shape[:-1], b).movedim(-1, 2 + axis)
+    return x

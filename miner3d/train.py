@@ -231,7 +231,9 @@ class _Trainer:
         self.d = self.layout.ndim
         self.channels = signal.shape[0]
         # pad at full resolution: zeros for occupancy (outside), the border value for images
-        padded = torch.zeros((self.channels, *self.layout.padded), dtype=signal.dtype)
+        padded = torch.zeros(
+            (self.channels, *self.layout.padded), dtype=signal.dtype, device=signal.device
+        )
         padded[(slice(None), *(slice(0, n) for n in self.layout.shape))] = signal
         if not occupancy:
             for axis, n in enumerate(self.layout.shape):

@@ -65,3 +65,45 @@ def test_mesh_is_in_the_input_coordinates(lucy_model, meshes_dir, tmp_path):
 def test_bad_output_extension(tmp_path):
     with pytest.raises(MinerError, match="unsupported mesh output"):
         save_mesh(np.zeros((3, 3)), np.array([[0, 1, 2]]), tmp_path / "x.xyz")
+
+
+RSS_SCRIPT = """
+import torch
+from miner3d.bank import BankShape, MLPBank
+from miner3d.blocks import BlockLayout
+from miner3d.model import MinerModel
+from miner3d.extract import marching_cubes
+import skimage.measure, trimesh
+
+def hwm():
+    for line in open('/proc/self/status'):
+        if line.startswith('VmHWM:'):
+            return int(line.split()[1]) * 1024
+
+layout = BlockLayout((512, 512, 512), block=16, n_scales=4)
+shape = BankShape(3, 8, 1, 1, 30.0)
+model = MinerModel(layout, shape, 1)
+ids = torch.arange(layout.n_blocks(3))  # coarsest: 4^3 blocks of 16^3 samples
+bank = MLPBank.create(shape, len(ids))
+for p in bank.params:
+    p.zero_()
+coords = layout.unravel(3, ids)
+bank.params[-1][((coords >= 1) & (coords <= 2)).all(dim=1)] = 1.0  # a box in the middle
+model.set_scale(3, ids, bank)
+base = hwm()
+vertices, faces = marching_cubes(model, 0)
+print(len(faces), hwm() - base)
+"""
+
+
+def test_extracting_512_cubed_stays_far_below_a_dense_volume():
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", RSS_SCRIPT], capture_output=True, text=True, check=True
+    )
+    n_faces, grown = map(int, proc.stdout.split())
+    assert n_faces > 100_000  # a real surface at 512^3 was extracted
+    dense_float32 = 512**3 * 4
+    assert grown < 0.6 * dense_float32, f"peak RSS grew by {grown / 2**20:.0f} MiB"

@@ -1,0 +1,97 @@
+"""The benchmark scripts run (tiny settings, CPU); their figures are not asserted."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(*args: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, cwd=ROOT, check=False, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_bench_gpu_script_on_cpu(tmp_path):
+    out = _run(
+        "scripts/bench_gpu.py",
+        "--device",
+        "cpu",
+        "--resolution",
+        "48",
+        "--preset",
+        "cpu",
+        "--cap",
+        "60",
+        "--target",
+        "0.99",
+        "--json",
+        str(tmp_path / "g.json"),
+    )
+    assert "time to IoU 0.99:" in out and "peak GPU memory" in out
+    assert (tmp_path / "g.json").is_file()
+
+
+def test_bench_fit_harness_runs_each_baseline(tmp_path):
+    out = _run(
+        "scripts/bench_fit.py",
+        "--resolution",
+        "32",
+        "--cap",
+        "8",
+        "--methods",
+        "miner",
+        "kilonerf",
+        "siren",
+        "miner-gaussian",
+        "--set",
+        "max_iters=60",
+        "--csv",
+        str(tmp_path / "b.csv"),
+        "--plot",
+        str(tmp_path / "b.png"),
+    )
+    lines = (tmp_path / "b.csv").read_text().splitlines()
+    assert len(lines) == 5 and "failed" not in out
+    assert (tmp_path / "b.png").is_file()
+
+
+def test_bench_voxelize_script(tmp_path):
+    out = _run(
+        "scripts/bench_voxelize.py",
+        "--meshes",
+        "meshes/fandisk.obj",
+        "--resolutions",
+        "32",
+        "--routes",
+        "miner3d-robust",
+        "open3d",
+        "--repeat",
+        "1",
+    )
+    assert "miner3d-robust" in out and "open3d" in out
+
+
+def test_eval_iou_script(tmp_path):
+    out = _run(
+        "scripts/eval_iou.py",
+        "meshes/fandisk.obj",
+        "meshes/rocker-arm.obj",
+        "--resolution",
+        "32",
+        "--points",
+        "20000",
+        "--surface",
+        "5000",
+        "-o",
+        str(tmp_path / "e.csv"),
+    )
+    rows = (tmp_path / "e.csv").read_text().splitlines()
+    assert rows[0].startswith("mesh,resolution,scale,params")
+    assert len(rows) == 1 + 2 * 3  # two meshes, three scales each (cpu preset)
+    assert "fandisk.obj" in out
