@@ -43,8 +43,9 @@ BASE = {
     "freeze_mse": 1e-4,
     "max_iters": 5000,
     "metric_every": 25,
-    "plateau_tol": 0.0,
 }
+# every method keeps FitConfig's stopping rule: a scale ends when all its blocks are frozen,
+# when its loss improves by less than 1 % over 200 iterations, or at max_iters
 THRESHOLDS = (0.99, 0.995, 0.999)
 
 
