@@ -1,5 +1,5 @@
 """Benchmark harness: time to quality for MINER and the baselines, as configurations of
-miner3d's own core (same data, loss, stopping rule and code path).
+miner3d's own core (same data, loss, stopping rule and code path), for meshes or images.
 
 Each method runs in a fresh subprocess (its own peak RSS) under a time cap; the clock starts
 when fitting starts (voxelization excluded, reported separately) and includes the quality
@@ -8,6 +8,7 @@ measurements. A threshold not reached within the cap is reported as "not reached
     python scripts/bench_fit.py                               # Lucy 128^3, default methods
     python scripts/bench_fit.py --mesh meshes/stanford-bunny.obj --resolution 256 --cap 300
     python scripts/bench_fit.py --methods miner miner-b16 --csv out.csv --plot out.png
+    python scripts/bench_fit.py --image astronaut-4mp --cap 300   # 2D: time to 30/35/40 dB
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# name -> FitConfig overrides (on top of the base below); "siren" is sized at run time
+# 3D: name -> FitConfig overrides on top of BASE; "siren" is sized at run time
 METHODS: dict[str, dict] = {
-    "miner": {},  # the cpu preset: 3 scales of 8^3 blocks
+    "miner": {},  # the cpu preset's shape: 3 scales of 8^3 blocks
     "miner-b16": {"n_scales": 4, "block": 16, "prune_mse": 5e-4},  # the paper's layout
     "miner-gaussian": {"pyramid": "gaussian"},
     "miner-noprune": {"prune_mse": 0.0, "freeze_mse": 0.0},
@@ -33,6 +34,8 @@ METHODS: dict[str, dict] = {
     "kilonerf": {"n_scales": 1},  # blocks at the finest scale only, no pyramid
     "siren": {"n_scales": 1, "hidden_layers": 3, "w0": 30.0, "points_per_block": 65536},
 }
+# every method keeps FitConfig's stopping rule: a scale ends when all its blocks are frozen,
+# when its loss improves by less than 1 % over 200 iterations, or at max_iters
 BASE = {
     "n_scales": 3,
     "block": 8,
@@ -44,9 +47,26 @@ BASE = {
     "max_iters": 5000,
     "metric_every": 25,
 }
-# every method keeps FitConfig's stopping rule: a scale ends when all its blocks are frozen,
-# when its loss improves by less than 1 % over 200 iterations, or at max_iters
 THRESHOLDS = (0.99, 0.995, 0.999)
+
+# 2D: the image preset's shape, and the baselines of the paper's Fig. 5
+IMAGE_METHODS: dict[str, dict] = {
+    "miner": {},
+    "kilonerf": {"n_scales": 1},
+    "siren": {"n_scales": 1, "hidden_layers": 3, "points_per_block": 65536},
+}
+IMAGE_BASE = {
+    "n_scales": 3,
+    "block": 32,
+    "hidden": 20,
+    "hidden_layers": 3,
+    "lr": 1e-3,
+    "prune_mse": 1e-5,
+    "freeze_mse": 1e-5,
+    "max_iters": 5000,
+    "metric_every": 25,
+}
+IMAGE_THRESHOLDS = (30.0, 35.0, 40.0)
 
 
 def _vm_hwm() -> int:
@@ -57,66 +77,105 @@ def _vm_hwm() -> int:
     return 0
 
 
-def _siren_hidden(target_params: int, layers: int) -> int:
+def _siren_hidden(target_params: int, layers: int, inputs: int = 3, outputs: int = 1) -> int:
     """Width of one SIREN with ``layers`` hidden layers and about ``target_params``."""
     h = 8
-    while 3 * h + h + (layers - 1) * (h * h + h) + h + 1 < target_params:
+    while inputs * h + h + (layers - 1) * (h * h + h) + outputs * (h + 1) < target_params:
         h += 1
     return h
 
 
+def _image(spec: str) -> Path:
+    """A file path, or astronaut-4mp / astronaut-16mp: skimage's astronaut upscaled (bicubic)
+    to 2048^2 / 4096^2 and cached as PNG (no photo that large ships offline)."""
+    if spec not in ("astronaut-4mp", "astronaut-16mp"):
+        return Path(spec)
+    import tempfile
+
+    side = 2048 if spec == "astronaut-4mp" else 4096
+    path = Path(tempfile.gettempdir()) / f"miner3d-{spec}.png"
+    if not path.exists():
+        import imageio.v3 as iio
+        import numpy as np
+        from skimage import data, transform
+
+        big = transform.resize(data.astronaut(), (side, side), order=3, anti_aliasing=False)
+        iio.imwrite(path, (np.clip(big, 0, 1) * 255).round().astype(np.uint8))
+    return path
+
+
 def _run_child(
-    mesh: str, resolution: int, method: str, overrides: dict, cap: float, lr: float | None
+    mesh: str,
+    resolution: int,
+    method: str,
+    overrides: dict,
+    cap: float,
+    lr: float | None,
+    image: str | None,
 ) -> dict:
+    """One fit, in this (child) process. Returns its figures and curve."""
     import time
 
     import numpy as np
     import torch
 
     from miner3d.train import FitConfig, fit
-    from miner3d.voxelize import voxelize_file
 
     t0 = time.perf_counter()
-    grid = voxelize_file(mesh, resolution)
-    voxelize_s = time.perf_counter() - t0
-    values = {**BASE, **METHODS[method], **overrides, "time_limit": cap}
+    if image is not None:
+        from miner3d.runs import _read_image
+
+        sig = _read_image(_image(image))
+        signal, shape = sig.data, sig.data.shape[1:]
+        kwargs = {"occupancy": False, "value_scale": sig.value_scale}
+        values = {**IMAGE_BASE, **IMAGE_METHODS[method]}
+        metric, thresholds, target_params = "psnr", IMAGE_THRESHOLDS, 300_000
+        io = (2, sig.data.shape[0])
+    else:
+        from miner3d.voxelize import voxelize_file
+
+        grid = voxelize_file(mesh, resolution)
+        signal, shape = grid.occupancy, grid.shape
+        kwargs = {"transform": grid.transform}
+        values = {**BASE, **METHODS[method]}
+        metric, thresholds, target_params = "iou", THRESHOLDS, 190_000
+        io = (3, 1)
+    prepare_s = time.perf_counter() - t0
+    values.update(overrides)
+    values["time_limit"] = cap
     if lr is not None:
         values["lr"] = lr
-    if method == "siren":
-        from miner3d.blocks import BlockLayout
-
-        padded = BlockLayout(grid.shape, 8, 1).padded
-        values["block"] = 1 << int(np.ceil(np.log2(max(padded))))
+    if method == "siren":  # one MLP over the whole (padded) grid, as many parameters as MINER
+        values["block"] = 1 << int(np.ceil(np.log2(max(shape))))
         values["hidden"] = _siren_hidden(
-            int(values.pop("params", 190_000)), values["hidden_layers"]
+            int(values.pop("params", target_params)), values["hidden_layers"], *io
         )
     values.pop("params", None)
     curve = []
-    fit_result = fit(
-        grid.occupancy,
+    result = fit(
+        signal,
         FitConfig(**values),
-        transform=grid.transform,
-        callback=lambda r: curve.append(r) if "iou" in r else None,
+        callback=lambda r: curve.append(r) if metric in r else None,
+        **kwargs,
     )
-    reached = {}
-    for t in THRESHOLDS:
-        reached[str(t)] = next(
-            (r["time"] for r in curve if r["scale"] == 0 and r["iou"] >= t), None
-        )
+    reached = {
+        str(t): next((r["time"] for r in curve if r["scale"] == 0 and r[metric] >= t), None)
+        for t in thresholds
+    }
     return {
         "method": method,
         "lr": values["lr"],
-        "voxelize_s": voxelize_s,
-        "fit_s": fit_result.summary["seconds"],
-        "iou": fit_result.summary.get("iou"),
-        "finest_scale": fit_result.summary["finest_scale_fitted"],
-        "params": fit_result.model.n_params,
+        "prepare_s": prepare_s,
+        "fit_s": result.summary["seconds"],
+        "quality": result.summary.get(metric),
+        "finest_scale": result.summary["finest_scale_fitted"],
+        "params": result.model.n_params,
         "reached": reached,
-        "curve": [(r["time"], r["iou"], r["scale"]) for r in curve],
+        "curve": [(r["time"], r[metric], r["scale"]) for r in curve],
         "peak_rss": _vm_hwm(),
-        "device": str(fit_result.model.device),
         "torch_threads": torch.get_num_threads(),
         "config": values,
+        "shape": list(shape),
     }
 
 
@@ -124,7 +183,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mesh", default=str(ROOT / "meshes" / "lucy.ply"))
     parser.add_argument("--resolution", type=int, default=128)
-    parser.add_argument("--methods", nargs="*", default=list(METHODS))
+    parser.add_argument(
+        "--image", help="fit an image instead of a mesh: a path, or astronaut-4mp / astronaut-16mp"
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="*",
+        default=None,
+        help=f"3D: {', '.join(METHODS)}; images: {', '.join(IMAGE_METHODS)}",
+    )
     parser.add_argument("--cap", type=float, default=120.0, help="seconds per run")
     parser.add_argument(
         "--lrs",
@@ -147,27 +214,28 @@ def main() -> None:
     overrides = {}
     for item in args.set:
         key, _, value = item.partition("=")
-        overrides[key] = (
-            json.loads(value) if value[:1].isdigit() or value in ("true", "false") else value
-        )
+        is_number = value[:1].isdigit() or value[:1] == "."
+        overrides[key] = json.loads(value) if is_number or value in ("true", "false") else value
     if args.child:
-        spec = json.loads(args.child)
-        print(json.dumps(_run_child(**spec)))
+        print(json.dumps(_run_child(**json.loads(args.child))))
         return
 
+    image = args.image
+    methods = args.methods or list(IMAGE_METHODS if image else METHODS)
+    thresholds = IMAGE_THRESHOLDS if image else THRESHOLDS
+    what = f"image {image}" if image else f"mesh {Path(args.mesh).name} at {args.resolution}"
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cores, Python "
-        f"{platform.python_version()}; mesh {Path(args.mesh).name} at {args.resolution}; "
-        f"cap {args.cap:.0f} s per run"
+        f"{platform.python_version()}; {what}; cap {args.cap:.0f} s per run"
     )
-    header = (
-        f"{'method':16} {'lr':>8} {'params':>9} {'final IoU':>10} "
-        + " ".join(f"{'t(' + str(t) + ')':>10}" for t in THRESHOLDS)
+    quality = "final dB" if image else "final IoU"
+    print(
+        f"{'method':16} {'lr':>8} {'params':>9} {quality:>10} "
+        + " ".join(f"{'t(' + str(t) + ')':>11}" for t in thresholds)
         + f" {'peak MiB':>9}"
     )
-    print(header)
     rows = []
-    for method in args.methods:
+    for method in methods:
         for lr in args.lrs or [None]:
             spec = {
                 "mesh": args.mesh,
@@ -176,6 +244,7 @@ def main() -> None:
                 "overrides": overrides,
                 "cap": args.cap,
                 "lr": lr,
+                "image": image,
             }
             proc = subprocess.run(
                 [sys.executable, __file__, "--child", json.dumps(spec)],
@@ -190,13 +259,13 @@ def main() -> None:
             r = json.loads(proc.stdout.strip().splitlines()[-1])
             rows.append(r)
             cells = []
-            for t in THRESHOLDS:
+            for t in thresholds:
                 hit = r["reached"][str(t)]
-                cells.append(f"{'not reached' if hit is None else f'{hit:.1f} s':>10}")
-            times = " ".join(cells)
-            iou = "-" if r["iou"] is None else f"{r['iou']:.5f}"
+                cells.append(f"{'not reached' if hit is None else f'{hit:.1f} s':>11}")
+            q = r["quality"]
+            q = "-" if q is None else (f"{q:.2f}" if image else f"{q:.5f}")
             print(
-                f"{method:16} {r['lr']:>8.0e} {r['params']:>9,} {iou:>10} {times} "
+                f"{method:16} {r['lr']:>8.0e} {r['params']:>9,} {q:>10} {' '.join(cells)} "
                 f"{r['peak_rss'] / 2**20:>9.0f}",
                 flush=True,
             )
@@ -208,12 +277,12 @@ def main() -> None:
                     "method",
                     "lr",
                     "params",
-                    "final_iou",
+                    "final_psnr" if image else "final_iou",
                     "finest_scale_fitted",
-                    *[f"seconds_to_{t}" for t in THRESHOLDS],
+                    *[f"seconds_to_{t}" for t in thresholds],
                     "peak_rss_bytes",
                     "fit_seconds",
-                    "voxelize_seconds",
+                    "prepare_seconds",
                 ]
             )
             for r in rows:
@@ -222,12 +291,12 @@ def main() -> None:
                         r["method"],
                         r["lr"],
                         r["params"],
-                        r["iou"],
+                        r["quality"],
                         r["finest_scale"],
-                        *[r["reached"][str(t)] for t in THRESHOLDS],
+                        *[r["reached"][str(t)] for t in thresholds],
                         r["peak_rss"],
                         r["fit_s"],
-                        r["voxelize_s"],
+                        r["prepare_s"],
                     ]
                 )
     if args.plot and rows:
@@ -238,13 +307,15 @@ def main() -> None:
 
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for r in rows:
-            curve = [(t, q) for t, q, _ in r["curve"]]
-            if curve:
-                t, q = zip(*curve, strict=True)
+            if r["curve"]:
+                t, q, _ = zip(*r["curve"], strict=True)
                 ax.plot(t, q, marker=".", label=f"{r['method']} (lr {r['lr']:.0e})")
         ax.set_xlabel("wall time (s)")
-        ax.set_ylabel("full-grid IoU (threshold 0.5)")
-        ax.set_ylim(0.9, 1.0)
+        if image:
+            ax.set_ylabel("PSNR (dB)")
+        else:
+            ax.set_ylabel("full-grid IoU (threshold 0.5)")
+            ax.set_ylim(0.9, 1.0)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()

@@ -95,3 +95,27 @@ def test_eval_iou_script(tmp_path):
     assert rows[0].startswith("mesh,resolution,scale,params")
     assert len(rows) == 1 + 2 * 3  # two meshes, three scales each (cpu preset)
     assert "fandisk.obj" in out
+
+
+def test_bench_fit_harness_on_an_image(tmp_path):
+    import imageio.v3 as iio
+    from skimage import data
+
+    iio.imwrite(tmp_path / "a.png", data.astronaut()[:128, :160])
+    _run(
+        "scripts/bench_fit.py",
+        "--image",
+        str(tmp_path / "a.png"),
+        "--cap",
+        "8",
+        "--methods",
+        "miner",
+        "kilonerf",
+        "siren",
+        "--set",
+        "max_iters=40",
+        "--csv",
+        str(tmp_path / "i.csv"),
+    )
+    lines = (tmp_path / "i.csv").read_text().splitlines()
+    assert lines[0].startswith("method,lr,params,final_psnr") and len(lines) == 4
