@@ -386,11 +386,7 @@ def run_fit(
     time_to = {}
     for threshold in thresholds:
         hit = next(
-            (
-                r["time"]
-                for r in result.history
-                if r.get("scale") == 0 and r.get(metric, -1) >= threshold
-            ),
+            (r["time"] for r in result.history if r.get(metric, -1) >= threshold),
             None,
         )
         time_to[str(threshold)] = hit

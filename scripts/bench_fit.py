@@ -3,7 +3,9 @@ miner3d's own core (same data, loss, stopping rule and code path), for meshes or
 
 Each method runs in a fresh subprocess (its own peak RSS) under a time cap; the clock starts
 when fitting starts (voxelization excluded, reported separately) and includes the quality
-measurements. A threshold not reached within the cap is reported as "not reached".
+measurements. Every measurement is of the whole model so far at full resolution (during the
+finest scale, and at the end of every scale), so a threshold counts as reached at the first
+one that meets it. A threshold not reached within the cap is reported as "not reached".
 
     python scripts/bench_fit.py                               # Lucy 128^3, default methods
     python scripts/bench_fit.py --mesh meshes/stanford-bunny.obj --resolution 256 --cap 300
@@ -158,10 +160,7 @@ def _run_child(
         callback=lambda r: curve.append(r) if metric in r else None,
         **kwargs,
     )
-    reached = {
-        str(t): next((r["time"] for r in curve if r["scale"] == 0 and r[metric] >= t), None)
-        for t in thresholds
-    }
+    reached = {str(t): next((r["time"] for r in curve if r[metric] >= t), None) for t in thresholds}
     return {
         "method": method,
         "lr": values["lr"],
