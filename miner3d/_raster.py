@@ -20,88 +20,7 @@ def _owns_edge(dx: np.int64, dy: np.int64) -> bool:
     return dy < 0 or (dy == 0 and dx > 0)
 
 
-@numba.njit(cache=True)
-def rasterize_crossings(fx, fy, gz, faces, half, toggles, parity):  # pragma: no cover - numba
-    """Mark where each column along the last axis crosses the surface.
-
-    Args:
-        fx, fy: (V,) int64 fixed-point grid coordinates on the first two axes.
-        gz: (V,) float64 continuous grid coordinate on the last axis.
-        faces: (F, 3) int64 vertex indices.
-        half: int64, half a voxel in fixed point; voxel centre i is at (2 i + 1) * half.
-        toggles: (nx, ny, nz) uint8, XOR-ed in place at the first voxel beyond each crossing.
-        parity: (nx, ny) uint8, XOR-ed in place with the number of crossings of each column.
-    """
-    nx, ny, nz = toggles.shape
-    step = 2 * half
-    for f in range(faces.shape[0]):
-        a = faces[f, 0]
-        b = faces[f, 1]
-        c = faces[f, 2]
-        ax, ay, bx, by, cx, cy = fx[a], fy[a], fx[b], fy[b], fx[c], fy[c]
-        area = (bx - ax) * (cy - ay) - (by - ay) * (cx - ax)
-        if area == 0:
-            continue  # edge-on triangle: the perturbed ray never meets it
-        az, bz, cz = gz[a], gz[b], gz[c]
-        if area < 0:  # make it counter-clockwise in projection
-            bx, by, bz, cx, cy, cz = cx, cy, cz, bx, by, bz
-            area = -area
-        xmin = min(ax, bx, cx)
-        xmax = max(ax, bx, cx)
-        ymin = min(ay, by, cy)
-        ymax = max(ay, by, cy)
-        i0 = max(0, -((half - xmin) // step))  # first centre >= xmin
-        i1 = min(nx - 1, (xmax - half) // step)
-        j0 = max(0, -((half - ymin) // step))
-        j1 = min(ny - 1, (ymax - half) // step)
-        own_bc = _owns_edge(cx - bx, cy - by)
-        own_ca = _owns_edge(ax - cx, ay - cy)
-        own_ab = _owns_edge(bx - ax, by - ay)
-        inv_area = 1.0 / area
-        for i in range(i0, i1 + 1):
-            px = (2 * i + 1) * half
-            for j in range(j0, j1 + 1):
-                py = (2 * j + 1) * half
-                w0 = (cx - bx) * (py - by) - (cy - by) * (px - bx)
-                if w0 < 0 or (w0 == 0 and not own_bc):
-                    continue
-                w1 = (ax - cx) * (py - cy) - (ay - cy) * (px - cx)
-                if w1 < 0 or (w1 == 0 and not own_ca):
-                    continue
-                w2 = (bx - ax) * (py - ay) - (by - ay) * (px - ax)
-                if w2 < 0 or (w2 == 0 and not own_ab):
-                    continue
-                z = (w0 * az + w1 * bz + w2 * cz) * inv_area
-                k = int(np.floor(z - 0.5)) + 1  # first voxel whose centre lies beyond z
-                if k < 0:
-                    k = 0
-                if k < nz:
-                    toggles[i, j, k] ^= 1
-                parity[i, j] ^= 1
-
-
-@numba.njit(cache=True, parallel=True)
-def fill_columns(toggles, parity):  # pragma: no cover - numba
-    """Prefix-XOR each column in place; columns with odd parity are cleared (unreliable).
-
-    Args:
-        toggles: (nx, ny, nz) uint8; becomes the occupancy (1 inside).
-        parity: (nx, ny) uint8, 1 where a column crossed the surface an odd number of times.
-    """
-    nx, ny, nz = toggles.shape
-    for i in numba.prange(nx):
-        for j in range(ny):
-            if parity[i, j]:
-                for k in range(nz):
-                    toggles[i, j, k] = 0
-                continue
-            run = np.uint8(0)
-            for k in range(nz):
-                run ^= toggles[i, j, k]
-                toggles[i, j, k] = run
-
-
-# --- robust mode: crossings along all three axes, per-voxel votes ----------------------------
+# --- crossings per column, and per-voxel votes of the axes ------------------------------------
 
 
 @numba.njit(cache=True)
@@ -129,7 +48,8 @@ def crossing_capacity(fa, fb, faces, half, na, nb):  # pragma: no cover - numba
 def collect_crossings(fa, fb, gc, faces, half, na, nb, nc, col, depth, sign):  # pragma: no cover
     """Every crossing of the columns along axis c with the surface, as (column, voxel, sign).
 
-    The same exact test as :func:`rasterize_crossings`. ``column = i * nb + j``; ``depth`` is
+    Exact (see the module doc): a column centre on an edge or a vertex belongs to exactly one
+    of the triangles around it. ``column = i * nb + j``; ``depth`` is
     the first voxel beyond the crossing (``nc`` when beyond the grid); ``sign`` is +1 where
     the ray along +c enters an outward-oriented surface, -1 where it leaves.
 
@@ -247,7 +167,7 @@ def add_votes(
 
 
 @numba.njit(cache=True, parallel=True)
-def decide_votes(votes):  # pragma: no cover - numba
+def decide_votes(votes, n_axes):  # pragma: no cover - numba
     """In place: 1 where every closed axis says inside, 0 where every one says outside; where
     they disagree or none is closed (left to the winding number), 2 if at least half of the
     closed axes say inside, else 3."""
@@ -255,7 +175,7 @@ def decide_votes(votes):  # pragma: no cover - numba
         v = votes[m]
         inside = v & 3
         invalid = (v >> 2) & 7
-        valid = 3 - ((invalid & 1) + ((invalid >> 1) & 1) + ((invalid >> 2) & 1))
+        valid = n_axes - ((invalid & 1) + ((invalid >> 1) & 1) + ((invalid >> 2) & 1))
         if valid == 0 or (inside != 0 and inside != valid):
             votes[m] = 2 if 2 * inside >= valid else 3
         else:

@@ -413,11 +413,18 @@ def _cmd_voxelize(args: argparse.Namespace) -> int:
             f"({grid.meta['seconds']:.2f} s), total {time.perf_counter() - start:.2f} s, "
             f"peak RSS {format_size(peak_rss())}"
         )
-        odd = grid.meta.get("odd_columns", 0)
-        if odd:
+        open_columns = sum(grid.meta.get("odd_columns", {}).values())
+        if open_columns and grid.meta["method"] == "parity":
             print(
-                f"warning: {odd} columns crossed the surface an odd number of times "
-                "(the mesh has holes); they were left empty",
+                f"warning: {open_columns} columns crossed the surface an odd number of times "
+                "(the mesh has holes) and were left empty; try --method robust",
+                file=sys.stderr,
+            )
+        elif open_columns:
+            print(
+                f"note: the mesh is not closed ({open_columns} open columns); "
+                f"{grid.meta.get('ambiguous_voxels', 0)} voxels were decided by the winding "
+                "number",
                 file=sys.stderr,
             )
     return 0

@@ -93,3 +93,35 @@ def load_mesh(path: str | Path):  # -> trimesh.Trimesh
     if faces.min() < 0 or faces.max() >= len(vertices):
         raise MinerError(f"mesh {path} has faces that index missing vertices")
     return loaded
+
+
+def write_safetensors(path: str | Path, tensors: dict, key: str, header: dict) -> Path:
+    """Tensors to ``path`` (safetensors, atomically) with ``header`` as JSON under metadata
+    ``key``: loads on any future PyTorch, unlike pickled checkpoints."""
+    import json
+
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    with atomic_write(path) as tmp:
+        save_file(tensors, os.fspath(tmp), metadata={key: json.dumps(header)})
+    return path
+
+
+def read_safetensors(path: str | Path, key: str, what: str) -> tuple[dict, dict]:
+    """``(header, tensors)`` of a file written by :func:`write_safetensors`; a clear
+    :class:`MinerError` naming ``what`` when it is missing or not such a file."""
+    import json
+
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise MinerError(f"{what} file not found: {path}")
+    try:
+        with safe_open(os.fspath(path), framework="pt", device="cpu") as fh:
+            header = json.loads(fh.metadata()[key])
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except Exception as exc:  # any parse failure is the file's fault
+        raise MinerError(f"could not read {what} {path}: {exc}") from None
+    return header, tensors

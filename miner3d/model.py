@@ -19,8 +19,6 @@ config as JSON in its metadata.
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -246,9 +244,7 @@ class MinerModel:
     # -- files ---------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         """Write ``model.safetensors`` atomically: tensors, and JSON metadata."""
-        from safetensors.torch import save_file
-
-        from .io import atomic_write
+        from .io import write_safetensors
 
         tensors: dict[str, torch.Tensor] = {}
         for j, scale in enumerate(self.scales):
@@ -267,25 +263,14 @@ class MinerModel:
             "transform": None if self.transform is None else self.transform.to_dict(),
             "meta": self.meta,
         }
-        path = Path(path)
-        with atomic_write(path) as tmp:
-            save_file(tensors, os.fspath(tmp), metadata={"miner3d": json.dumps(header)})
-        return path
+        return write_safetensors(path, tensors, "miner3d", header)
 
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str = "cpu") -> MinerModel:
         """Read a model written by :meth:`save`."""
-        from safetensors import safe_open
+        from .io import read_safetensors
 
-        path = Path(path)
-        if not path.is_file():
-            raise MinerError(f"model file not found: {path}")
-        try:
-            with safe_open(os.fspath(path), framework="pt", device="cpu") as fh:
-                header = json.loads(fh.metadata()["miner3d"])
-                tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-        except Exception as exc:  # any parse failure is the file's fault
-            raise MinerError(f"could not read model {path}: {exc}") from None
+        header, tensors = read_safetensors(path, "miner3d", "model")
         layout_d = header["layout"]
         layout = BlockLayout(tuple(layout_d["shape"]), layout_d["block"], layout_d["n_scales"])
         bank_shape = BankShape(**header["bank_shape"])

@@ -21,7 +21,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import platform
 import signal
 import time
@@ -34,7 +33,13 @@ import numpy as np
 
 from .config import RunConfig, build_config
 from .errors import MinerError
-from .io import MESH_EXTENSIONS, atomic_write, file_sha256
+from .io import (
+    MESH_EXTENSIONS,
+    atomic_write,
+    file_sha256,
+    read_safetensors,
+    write_safetensors,
+)
 from .memory import format_size, peak_rss, preflight
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,27 +106,13 @@ def write_metrics_csv(path: Path, history: list[dict[str, Any]]) -> None:
 
 
 def save_checkpoint(path: Path, checkpoint) -> None:
-    from safetensors.torch import save_file
-
-    with atomic_write(path) as tmp:
-        save_file(
-            checkpoint.tensors,
-            os.fspath(tmp),
-            metadata={"miner3d-checkpoint": json.dumps(checkpoint.state)},
-        )
+    write_safetensors(path, checkpoint.tensors, "miner3d-checkpoint", checkpoint.state)
 
 
 def load_checkpoint(path: Path):
-    from safetensors import safe_open
-
     from .train import Checkpoint
 
-    try:
-        with safe_open(os.fspath(path), framework="pt", device="cpu") as fh:
-            state = json.loads(fh.metadata()["miner3d-checkpoint"])
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    except Exception as exc:  # any parse failure is the file's fault
-        raise MinerError(f"could not read checkpoint {path}: {exc}") from None
+    state, tensors = read_safetensors(path, "miner3d-checkpoint", "checkpoint")
     return Checkpoint(tensors, state)
 
 

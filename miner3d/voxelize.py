@@ -56,29 +56,11 @@ def register(name: str) -> Callable[[Voxelizer], Voxelizer]:
 def voxelize_parity(
     vertices: np.ndarray, faces: np.ndarray, shape: tuple[int, int, int]
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Ray parity along z columns. Peak memory: the ``(nx, ny, nz)`` uint8 result + O(V + F).
-
-    Args:
-        vertices: (V, 3) float64, continuous grid coordinates.
-        faces: (F, 3) integer vertex indices.
-        shape: (nx, ny, nz) grid shape.
-    """
-    from . import _raster
-
-    fixed, half = _fixed_point(vertices[:, :2], shape)
-    occupancy = np.zeros(shape, dtype=np.uint8)
-    parity = np.zeros(shape[:2], dtype=np.uint8)
-    _raster.rasterize_crossings(
-        np.ascontiguousarray(fixed[:, 0]),
-        np.ascontiguousarray(fixed[:, 1]),
-        np.ascontiguousarray(vertices[:, 2], dtype=np.float64),
-        np.ascontiguousarray(faces, dtype=np.int64),
-        np.int64(half),
-        occupancy,
-        parity,
+    """Step 1 along z only: exact for closed meshes; columns crossed an odd number of times are
+    left empty. Peak memory: the uint8 result + 13 bytes per candidate crossing."""
+    return _voxelize_votes(
+        vertices, faces, shape, nonzero=False, planes=_AXIS_PLANES[:1], undecided="outside"
     )
-    _raster.fill_columns(occupancy, parity)
-    return occupancy, {"odd_columns": int(np.count_nonzero(parity))}
 
 
 def _fixed_point(vertices: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, int]:
@@ -97,9 +79,13 @@ def _voxelize_votes(
     faces: np.ndarray,
     shape: tuple[int, int, int],
     nonzero: bool,
+    planes: tuple[tuple[int, int, int], ...] = _AXIS_PLANES,
+    undecided: str = "winding",
     winding_budget: float = 2e9,
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Steps 1-3 of the robust ladder.
+    """Steps 1-3 of the robust ladder, along the columns of ``planes`` (``(c, a, b)``: column
+    axis, then the two axes that index the columns). Voxels the closed axes do not decide
+    take the winding number (``undecided="winding"``) or stay empty (``"outside"``).
 
     Peak memory: the ``(nx, ny, nz)`` uint8 result (votes are decided in place) + per axis
     13 bytes per candidate crossing (at most the triangles' projected bounding boxes in
@@ -114,7 +100,7 @@ def _voxelize_votes(
     flat = votes.reshape(-1)
     strides = [s // votes.itemsize for s in votes.strides]
     info: dict[str, Any] = {"odd_columns": {}}
-    for c, a, b in _AXIS_PLANES:
+    for c, a, b in planes:
         fa = np.ascontiguousarray(fixed[:, a])
         fb = np.ascontiguousarray(fixed[:, b])
         gc = np.ascontiguousarray(vertices[:, c], dtype=np.float64)
@@ -130,10 +116,12 @@ def _voxelize_votes(
             offsets, depth, sign, flat, nb, nc, strides[a], strides[b], strides[c], 2 + c, nonzero
         )
         info["odd_columns"]["xyz"[c]] = _count_open_columns(offsets, sign, nonzero)
-    _raster.decide_votes(flat)
+    _raster.decide_votes(flat, len(planes))
     ambiguous = np.flatnonzero(flat >= 2)
     info["ambiguous_voxels"] = int(ambiguous.size)
-    if ambiguous.size and ambiguous.size * len(faces) <= winding_budget:
+    if undecided == "outside":
+        flat[ambiguous] = 0
+    elif ambiguous.size and ambiguous.size * len(faces) <= winding_budget:
         centres = np.stack(np.unravel_index(ambiguous, shape), axis=1) + 0.5
         inside = np.abs(winding_numbers(centres, vertices, faces)) >= 0.5
         flat[ambiguous] = inside
