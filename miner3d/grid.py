@@ -187,6 +187,9 @@ class OccupancyGrid:
         path = Path(path)
         if not path.is_file():
             raise MinerError(f"grid file not found: {path}")
+        with open(path, "rb") as fh:
+            if fh.read(4) != b"PK\x03\x04":  # an .npz is a zip archive
+                raise MinerError(f"could not read grid file {path}: not an .npz archive")
         try:
             with np.load(path, allow_pickle=False) as data:
                 header = json.loads(str(data["header"]))
