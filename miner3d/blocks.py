@@ -79,25 +79,18 @@ class BlockLayout:
         return self.ravel(j + 1, torch.div(self.unravel(j, ids), 2, rounding_mode="floor"))
 
     def sample_positions(self, j: int, ids: torch.Tensor, at_scale: int) -> list[torch.Tensor]:
-        """Index positions, in scale ``at_scale``'s grid, of the voxel centres of blocks ``ids``
-        of scale ``j`` (``at_scale >= j``), as ``d`` broadcastable per-axis tensors
-        ``(n, b, 1, 1)``, ``(n, 1, b, 1)``, ``(n, 1, 1, b)`` for :func:`pyramid.interpolate_at`.
-        """
-        b, d = self.block, self.ndim
-        coords = self.unravel(j, ids).to(torch.float64)
-        local = torch.arange(b, dtype=torch.float64, device=ids.device)
-        factor = 2.0 ** (at_scale - j)
+        """:meth:`block_axis_positions` as ``d`` broadcastable tensors ``(n, b, 1, 1)``,
+        ``(n, 1, b, 1)``, ``(n, 1, 1, b)`` for :func:`pyramid.interpolate_at`."""
         positions = []
-        for axis in range(d):
-            fine = coords[:, axis : axis + 1] * b + local  # (n, b) centres at scale j
-            q = (fine + 0.5) / factor - 0.5
-            view = [q.shape[0]] + [1] * d
-            view[1 + axis] = b
-            positions.append(q.view(view).float())
+        for axis, q in enumerate(self.block_axis_positions(j, ids, at_scale)):
+            view = [q.shape[0]] + [1] * self.ndim
+            view[1 + axis] = self.block
+            positions.append(q.view(view))
         return positions
 
     def block_axis_positions(self, j: int, ids: torch.Tensor, at_scale: int) -> list[torch.Tensor]:
-        """Like :meth:`sample_positions`, as ``d`` tensors ``(n, b)`` (for
+        """Index positions, in scale ``at_scale``'s grid, of the voxel centres of blocks ``ids``
+        of scale ``j`` (``at_scale >= j``): ``d`` tensors ``(n, b)``, one per axis (for
         :func:`pyramid.interpolate_blocks`)."""
         b = self.block
         coords = self.unravel(j, ids).to(torch.float64)

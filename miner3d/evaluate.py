@@ -20,24 +20,18 @@ import numpy as np
 import torch
 
 from .errors import MinerError
-from .metrics import MetricSums, block_sums, chamfer_fscore
+from .metrics import MetricSums, chamfer_fscore, full_resolution_sums
 from .model import MinerModel
 
 
 def grid_iou(model: MinerModel, occupancy: np.ndarray, from_scale: int) -> MetricSums:
     """Streamed full-grid metric sums of level of detail ``from_scale`` against a grid."""
-    from .blocks import gather_blocks
-
     layout = model.layout
     if tuple(occupancy.shape) != layout.shape:
         raise MinerError(f"grid shape {occupancy.shape} is not the model's {layout.shape}")
     padded = torch.zeros((1, *layout.padded), dtype=torch.uint8)
     padded[(0, *(slice(0, n) for n in layout.shape))] = torch.from_numpy(occupancy)
-    sums = MetricSums()
-    for ids, values in model.iter_blocks(0, from_scale):
-        truth = gather_blocks(padded, layout.block, layout.unravel(0, ids).cpu())
-        sums = sums.add(block_sums(values.cpu(), truth, layout.valid_mask(0, ids.cpu())))
-    return sums
+    return full_resolution_sums(model, padded, from_scale)
 
 
 def evaluate(

@@ -79,6 +79,46 @@ def block_sums(
     return sums
 
 
+def full_resolution_sums(
+    model,
+    signal: torch.Tensor,
+    from_scale: int,
+    value_scale: float = 1.0,
+    occupancy: bool = True,
+    batch: int = 512,
+) -> MetricSums:
+    """Metric sums of a model's level of detail ``from_scale`` against the full-resolution
+    signal, streamed block batch by block batch (no dense float copy of either).
+
+    Args:
+        model: a :class:`miner3d.model.MinerModel`.
+        signal: ``(C, *layout.padded)`` in its own dtype (uint8 occupancy, image samples).
+        value_scale: multiplies the raw samples into ``[0, 1]``.
+    """
+    from .blocks import gather_blocks
+
+    layout = model.layout
+    sums = MetricSums()
+    for ids, values in model.iter_blocks(0, from_scale, batch):
+        ids = ids.to(signal.device)
+        coords = layout.unravel(0, ids)
+        truth = gather_blocks(signal, layout.block, coords).float() * value_scale
+        values = values.to(signal.device)
+        sums = sums.add(block_sums(values, truth, layout.valid_mask(0, ids), occupancy))
+    return sums
+
+
+def time_to(
+    history: list[dict], metric: str, thresholds: tuple[float, ...]
+) -> dict[str, float | None]:
+    """Wall time of the first record whose ``metric`` (every such record is a full-resolution
+    measurement of the model so far) reaches each threshold; ``None`` if none does."""
+    return {
+        str(t): next((r["time"] for r in history if r.get(metric, -math.inf) >= t), None)
+        for t in thresholds
+    }
+
+
 def psnr(mse: float, peak: float = 1.0) -> float:
     """Peak signal-to-noise ratio in dB for signals in ``[0, peak]``."""
     return math.inf if mse <= 0 else 10.0 * math.log10(peak * peak / mse)

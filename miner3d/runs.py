@@ -41,6 +41,7 @@ from .io import (
     write_safetensors,
 )
 from .memory import format_size, peak_rss, preflight
+from .metrics import time_to
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_INPUT = ROOT / "meshes" / "lucy.ply"
@@ -374,13 +375,7 @@ def run_fit(
 
     thresholds = (0.99, 0.995, 0.999) if sig.occupancy else (30.0, 35.0, 40.0)
     metric = "iou" if sig.occupancy else "psnr"
-    time_to = {}
-    for threshold in thresholds:
-        hit = next(
-            (r["time"] for r in result.history if r.get(metric, -1) >= threshold),
-            None,
-        )
-        time_to[str(threshold)] = hit
+    reached = time_to(result.history, metric, thresholds)
     samples = math.prod(shape) * channels
     model_bytes = model_path.stat().st_size
     reference_bytes = samples / 8 if sig.occupancy else samples * sig.data.dtype.itemsize
@@ -390,7 +385,7 @@ def run_fit(
         "device": f"{device.type} ({name})",
         "shape": list(shape),
         **result.summary,
-        f"seconds_to_{metric}": time_to,
+        f"seconds_to_{metric}": reached,
         "model_bytes": model_bytes,
         "compression_ratio": reference_bytes / model_bytes,
         "compared_with": "bit-packed grid" if sig.occupancy else "raw samples",

@@ -34,7 +34,7 @@ from .bank import BankAdam, BankShape, MLPBank
 from .blocks import BlockLayout, gather_blocks, local_coordinates
 from .errors import MinerError
 from .grid import GridTransform
-from .metrics import MetricSums, block_sums
+from .metrics import MetricSums, block_sums, full_resolution_sums
 from .model import MinerModel
 from .pyramid import gaussian_levels
 
@@ -284,14 +284,14 @@ class _Trainer:
     def full_metrics(self, from_scale: int) -> MetricSums:
         """Quality of the reconstruction at level of detail ``from_scale``, measured on the
         full-resolution grid (streamed block batch by block batch)."""
-        sums = MetricSums()
-        for ids, values in self.model.iter_blocks(0, from_scale, self.config.batch_blocks):
-            coords = self.layout.unravel(0, ids)
-            truth = self._level_blocks(0, coords)
-            sums = sums.add(
-                block_sums(values, truth, self.layout.valid_mask(0, ids), self.occupancy)
-            )
-        return sums
+        return full_resolution_sums(
+            self.model,
+            self.signal,
+            from_scale,
+            self.value_scale,
+            self.occupancy,
+            self.config.batch_blocks,
+        )
 
     # -- checkpoints ---------------------------------------------------------------------
     def _save(self, j: int, scale_state: dict[str, Any] | None) -> None:

@@ -121,6 +121,7 @@ def _run_child(
     import numpy as np
     import torch
 
+    from miner3d.metrics import time_to
     from miner3d.train import FitConfig, fit
 
     t0 = time.perf_counter()
@@ -160,7 +161,7 @@ def _run_child(
         callback=lambda r: curve.append(r) if metric in r else None,
         **kwargs,
     )
-    reached = {str(t): next((r["time"] for r in curve if r[metric] >= t), None) for t in thresholds}
+    reached = time_to(curve, metric, thresholds)
     return {
         "method": method,
         "lr": values["lr"],

@@ -30,6 +30,7 @@ def main() -> None:
 
     from miner3d.config import build_config, parse_assignments
     from miner3d.memory import format_size, peak_rss
+    from miner3d.metrics import time_to
     from miner3d.train import fit, pick_device
     from miner3d.voxelize import voxelize_file
 
@@ -91,9 +92,7 @@ def main() -> None:
     result = fit(occupancy, config.fit, transform=grid.transform, device=device, callback=on_record)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    reached = {}
-    for t in (0.99, 0.995, 0.999):
-        reached[str(t)] = next((r["time"] for r in curve if r["iou"] >= t), None)
+    reached = time_to(curve, "iou", (0.99, 0.995, 0.999))
     t0 = time.perf_counter()
     from miner3d.extract import marching_cubes
 
