@@ -349,7 +349,6 @@ class _FitProgress:
         )
         self.tasks: dict[int, int] = {}
         self.started = False
-        self.max_iters = 0  # a resumed scale has no scale_start record
 
     def __call__(self, record: dict) -> None:
         if not self.started:
@@ -358,7 +357,7 @@ class _FitProgress:
         scale = record.get("scale")
         event = record.get("event")
         if event == "scale_start" or (event == "resumed" and scale not in self.tasks):
-            total = record.get("max_iters") or self.max_iters or None
+            total = record.get("max_iters")  # None for a resumed scale
             self.tasks[scale] = self.progress.add_task("", total=total, scale=scale, status="")
         task = self.tasks.get(scale)
         if task is None:

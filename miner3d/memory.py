@@ -97,7 +97,16 @@ def preflight(what: str, needed: int, max_memory: int | None = None, hint: str =
 
 
 def peak_rss() -> int:
-    """Peak resident set size of this process so far, in bytes (Linux ru_maxrss is KiB)."""
+    """Peak resident set size of this process image so far, in bytes: VmHWM, which unlike
+    ``ru_maxrss`` is not inherited from the parent across fork and exec (ru_maxrss, KiB, is
+    the fallback where /proc is missing)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -71,14 +71,6 @@ IMAGE_BASE = {
 IMAGE_THRESHOLDS = (30.0, 35.0, 40.0)
 
 
-def _vm_hwm() -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def _siren_hidden(target_params: int, layers: int, inputs: int = 3, outputs: int = 1) -> int:
     """Width of one SIREN with ``layers`` hidden layers and about ``target_params``."""
     h = 8
@@ -121,6 +113,7 @@ def _run_child(
     import numpy as np
     import torch
 
+    from miner3d.memory import peak_rss
     from miner3d.metrics import time_to
     from miner3d.train import FitConfig, fit
 
@@ -172,7 +165,7 @@ def _run_child(
         "params": result.model.n_params,
         "reached": reached,
         "curve": [(r["time"], r[metric], r["scale"]) for r in curve],
-        "peak_rss": _vm_hwm(),
+        "peak_rss": peak_rss(),
         "torch_threads": torch.get_num_threads(),
         "config": values,
         "shape": list(shape),

@@ -33,6 +33,7 @@ def _measure(mesh_path: str, route: str, resolution: int, repeat: int) -> dict:
     import numpy as np
 
     from miner3d.io import load_mesh
+    from miner3d.memory import peak_rss
     from miner3d.voxelize import voxelize
 
     t0 = time.perf_counter()
@@ -67,18 +68,9 @@ def _measure(mesh_path: str, route: str, resolution: int, repeat: int) -> dict:
         out["filled"] = grid.filled_fraction
         out["shape"] = grid.shape
     out["seconds"] = statistics.median(times)
-    out["peak_rss"] = _vm_hwm()
+    out["peak_rss"] = peak_rss()
     del np
     return out
-
-
-def _vm_hwm() -> int:
-    """Peak RSS of this process image (VmHWM: unlike ru_maxrss, not inherited from a parent)."""
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def _child(args: list[str]) -> dict | None:
@@ -97,8 +89,8 @@ def _child(args: list[str]) -> dict | None:
 
 def _baseline_rss() -> int:
     code = (
-        "import resource, miner3d.voxelize, trimesh, numpy;"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
+        "import miner3d.voxelize, trimesh, numpy; from miner3d.memory import peak_rss;"
+        "print(peak_rss())"
     )
     return int(subprocess.check_output([sys.executable, "-c", code], cwd=ROOT, text=True))
 

@@ -73,12 +73,8 @@ from miner3d.bank import BankShape, MLPBank
 from miner3d.blocks import BlockLayout
 from miner3d.model import MinerModel
 from miner3d.extract import marching_cubes
+from miner3d.memory import peak_rss as hwm
 import skimage.measure, trimesh
-
-def hwm():
-    for line in open('/proc/self/status'):
-        if line.startswith('VmHWM:'):
-            return int(line.split()[1]) * 1024
 
 layout = BlockLayout((512, 512, 512), block=16, n_scales=4)
 shape = BankShape(3, 8, 1, 1, 30.0)
