@@ -199,9 +199,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 
 def _extract_image(model, args: argparse.Namespace) -> int:
     """Render a 2D model at any size (super-resolution by querying the continuous model)."""
-    import numpy as np
-
-    from .runs import Signal, save_image
+    from .runs import save_image
 
     height, width = model.layout.shape
     if args.resolution is not None:
@@ -209,16 +207,9 @@ def _extract_image(model, args: argparse.Namespace) -> int:
         if not sep or not w.isdigit() or not h.isdigit() or int(w) < 1 or int(h) < 1:
             raise MinerError(f"--resolution takes WxH for images, got {args.resolution!r}")
         width, height = int(w), int(h)
-    if (height, width) == tuple(model.layout.valid_shape(args.scale)):
-        values = model.decode(args.scale)
-    else:  # sample centres of the new grid, in the model's pixel coordinates
-        rows = (np.arange(height) + 0.5) * model.layout.shape[0] / height
-        cols = (np.arange(width) + 0.5) * model.layout.shape[1] / width
-        grid = np.stack(np.meshgrid(rows, cols, indexing="ij"), axis=-1).reshape(-1, 2)
-        values = model.query(grid, grid_coords=True, from_scale=args.scale)
-        values = values.T.reshape(model.channels, height, width)
+    own = (height, width) == tuple(model.layout.valid_shape(args.scale))
+    save_image(model, args.output, args.scale, None if own else (height, width))
     dtype = model.meta.get("dtype", "uint8")
-    save_image(values, Signal(None, False, 1.0, None, {"dtype": dtype}), args.output)
     print(f"{args.output}: {width}x{height} ({dtype}, scale {args.scale})")
     return 0
 

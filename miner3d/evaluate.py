@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from .errors import MinerError
 from .metrics import MetricSums, chamfer_fscore, full_resolution_sums
 from .model import MinerModel
+from .source import SignalSource
 
 
 def grid_iou(model: MinerModel, occupancy: np.ndarray, from_scale: int) -> MetricSums:
@@ -29,9 +29,8 @@ def grid_iou(model: MinerModel, occupancy: np.ndarray, from_scale: int) -> Metri
     layout = model.layout
     if tuple(occupancy.shape) != layout.shape:
         raise MinerError(f"grid shape {occupancy.shape} is not the model's {layout.shape}")
-    padded = torch.zeros((1, *layout.padded), dtype=torch.uint8)
-    padded[(0, *(slice(0, n) for n in layout.shape))] = torch.from_numpy(occupancy)
-    return full_resolution_sums(model, padded, from_scale)
+    source = SignalSource(occupancy[None], layout, "zero", device=model.device)
+    return full_resolution_sums(model, source, from_scale)
 
 
 def evaluate(

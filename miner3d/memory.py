@@ -110,3 +110,27 @@ def peak_rss() -> int:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def return_large_frees(threshold: int = 1 << 20) -> None:
+    """Make the C heap serve blocks of ``threshold`` bytes or more by ``mmap``, so that freeing
+    them gives the memory back to the OS at once (glibc ``mallopt(M_MMAP_THRESHOLD)``; no-op
+    elsewhere). Process-wide and idempotent.
+
+    glibc's default threshold adapts upwards (to 32 MiB) once a large block is freed; the
+    tensors of a few MiB that a fit allocates and frees by the thousand then come from the
+    heap, whose freed pages stay resident: measured +170 MiB of peak RSS on a 64 MP fit.
+    """
+    global _configured
+    if _configured:
+        return
+    _configured = True
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, threshold)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+_configured = False

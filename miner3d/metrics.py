@@ -64,46 +64,41 @@ def block_sums(
     """
     truth = truth.to(values.dtype)
     err2 = (values - truth).square()
-    if mask is not None:
-        m = mask.unsqueeze(1).expand_as(values)
-        err2 = err2[m]
-        values = values[m]
-        truth = truth[m]
-    sums = MetricSums(sse=float(err2.sum(dtype=torch.float64)), count=int(err2.numel()))
+    count = err2.numel()
+    keep = None
+    if mask is not None:  # multiply rather than index: no gathered copies
+        keep = mask.unsqueeze(1)
+        err2 = err2 * keep
+        count = int(torch.count_nonzero(mask)) * values.shape[1]
+    sums = MetricSums(sse=float(err2.sum(dtype=torch.float64)), count=count)
     if occupancy:
         gt = truth >= 0.5
+        if keep is not None:
+            gt &= keep
         for i, t in enumerate(IOU_THRESHOLDS):
             pred = values >= t
+            if keep is not None:
+                pred &= keep
             sums.inter[i] = int(torch.count_nonzero(pred & gt))
             sums.union[i] = int(torch.count_nonzero(pred | gt))
     return sums
 
 
 def full_resolution_sums(
-    model,
-    signal: torch.Tensor,
-    from_scale: int,
-    value_scale: float = 1.0,
-    occupancy: bool = True,
-    batch: int = 512,
+    model, source, from_scale: int, occupancy: bool = True, batch: int = 512
 ) -> MetricSums:
     """Metric sums of a model's level of detail ``from_scale`` against the full-resolution
     signal, streamed block batch by block batch (no dense float copy of either).
 
     Args:
         model: a :class:`miner3d.model.MinerModel`.
-        signal: ``(C, *layout.padded)`` in its own dtype (uint8 occupancy, image samples).
-        value_scale: multiplies the raw samples into ``[0, 1]``.
+        source: the signal, a :class:`miner3d.source.SignalSource` on the model's layout.
     """
-    from .blocks import gather_blocks
-
     layout = model.layout
     sums = MetricSums()
     for ids, values in model.iter_blocks(0, from_scale, batch):
-        ids = ids.to(signal.device)
-        coords = layout.unravel(0, ids)
-        truth = gather_blocks(signal, layout.block, coords).float() * value_scale
-        values = values.to(signal.device)
+        truth = source.level_blocks(0, layout.unravel(0, ids))
+        values = values.to(truth.device)
         sums = sums.add(block_sums(values, truth, layout.valid_mask(0, ids), occupancy))
     return sums
 

@@ -9,9 +9,14 @@ each linearly interpolated (``align_corners=False``) from its own grid straight 
 so :meth:`MinerModel.decode` (the sum at the sample centres of a scale) and
 :meth:`MinerModel.query` (the sum at arbitrary points) agree by construction, and the
 reconstruction at level of detail ``j`` is the same sum truncated to ``k >= j``. Residual
-fields of scales ``k >= 1`` are decoded once into dense tensors (at most ``4 / 2^d`` bytes per
-full-resolution sample and channel for all of them together); scale 0 is only ever evaluated
-block batch by block batch.
+fields of scales ``k >= 1`` are decoded once into dense float16 tensors (``2 / (2^d - 1)``
+bytes per full-resolution sample and channel for all of them together: 0.29 GiB per channel
+at 1024^3); scale 0 is only ever evaluated, in float32, block batch by block batch.
+
+The float16 rounding of a coarse field (at most ``2^-12`` of its value in ``[0.5, 1)``) is
+part of the model's definition: the trainer fits each finer scale to the residual of exactly
+these rounded fields, so the rounding is absorbed by the finer scales and never accumulates
+(the finest scale, evaluated in float32, takes the last of it).
 
 One file, ``model.safetensors``: tensors only, with the layout, architecture, transform and
 config as JSON in its metadata.
@@ -123,14 +128,20 @@ class MinerModel:
                 out[has] -= self.evaluate_blocks(j, ids[has], from_scale=j + 1)
         return out
 
-    def residual_field(self, k: int, batch: int = 4096) -> torch.Tensor:
-        """Dense ``R_k`` ``(C, *scale_shape(k))`` float32 for ``k >= 1`` (cached)."""
+    def residual_field(self, k: int, batch_samples: int = 1 << 18) -> torch.Tensor:
+        """Dense ``R_k`` ``(C, *scale_shape(k))`` float16 for ``k >= 1`` (cached), decoded
+        ``batch_samples`` block samples at a time (transient: their MLP activations)."""
         if k == 0:
             raise ValueError("scale 0 is never held dense; use block_outputs")
         if k not in self._dense:
-            field = torch.zeros((self.channels, *self.layout.scale_shape(k)), device=self.device)
+            field = torch.zeros(
+                (self.channels, *self.layout.scale_shape(k)),
+                dtype=torch.float16,
+                device=self.device,
+            )
             scale = self.scales[k]
             if scale is not None:
+                batch = max(1, batch_samples // self.layout.block**self.layout.ndim)
                 for start in range(0, len(scale.block_ids), batch):
                     ids = scale.block_ids[start : start + batch]
                     coords = self.layout.unravel(k, ids)
@@ -157,6 +168,39 @@ class MinerModel:
             else:
                 positions = self.layout.block_axis_positions(s, ids, at_scale=k)
                 total += interpolate_blocks(self.residual_field(k), positions).movedim(0, 1)
+        return total
+
+    @torch.no_grad()
+    def evaluate_samples(
+        self, s: int, ids: torch.Tensor, local: torch.Tensor, from_scale: int | None = None
+    ) -> torch.Tensor:
+        """:meth:`evaluate_blocks` at only some samples of the blocks: the same local
+        positions ``local`` ``(P, d)`` (integers in ``[0, b)``) of every block ``ids`` of scale
+        ``s``. Returns ``(n, C, P)``; memory is per sample asked for, not per block."""
+        from_scale = s if from_scale is None else from_scale
+        b, d = self.layout.block, self.layout.ndim
+        local = local.to(self.device)
+        total = torch.zeros((len(ids), self.channels, local.shape[0]), device=self.device)
+        coords = self.layout.unravel(s, ids).to(torch.float64)
+        for k in range(max(from_scale, s), self.layout.n_scales):
+            scale = self.scales[k]
+            if scale is None:
+                continue
+            if k == s:
+                slots = self._slots[s][ids]
+                has = slots >= 0
+                if has.any():
+                    x = (2 * local.float() + 1) / b - 1  # local_coordinates of those samples
+                    total[has] += scale.bank.evaluate(x, rows=slots[has]).transpose(1, 2)
+                    if self.gaussian:
+                        total[has] -= self.evaluate_samples(s, ids[has], local, s + 1)
+                continue
+            factor = 2.0 ** (k - s)
+            positions = [
+                ((coords[:, a : a + 1] * b + local[:, a] + 0.5) / factor - 0.5).float()
+                for a in range(d)
+            ]
+            total += interpolate_at(self.residual_field(k), positions).movedim(0, 1)
         return total
 
     def iter_blocks(

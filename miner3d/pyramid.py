@@ -28,39 +28,6 @@ def box_downsample(x: torch.Tensor, factor: int) -> torch.Tensor:
     return _POOL[x.ndim - 1](x.float().unsqueeze(0), factor).squeeze(0)
 
 
-def gaussian_levels(
-    signal: torch.Tensor, n_scales: int, value_scale: float = 1.0, slab: int = 0
-) -> list[torch.Tensor | None]:
-    """Box-filtered levels 1..J-1 of ``signal`` (level 0, full resolution, is not copied).
-
-    Args:
-        signal: ``(C, *P)`` any dtype (uint8 occupancy, uint8/uint16 image), ``P`` divisible
-            by ``2**(n_scales - 1)``.
-        n_scales: J.
-        value_scale: multiplies the raw values (1/255 for 8-bit images).
-        slab: level 1 is computed ``slab`` output planes at a time (0: all at once), so the
-            float copy is never more than one slab of the full grid.
-
-    Returns:
-        ``[None, G_1, ..., G_{J-1}]``, ``G_j`` float32 ``(C, *P / 2**j)``. Peak memory: the
-        levels (4/2^d + 4/4^d + ... bytes per full-resolution voxel and channel) plus one
-        float32 slab of ``2 * slab`` full-resolution planes.
-    """
-    levels: list[torch.Tensor | None] = [None]
-    if n_scales == 1:
-        return levels
-    n1 = signal.shape[1] // 2
-    step = n1 if slab <= 0 else slab
-    parts = [
-        box_downsample(signal[:, 2 * a : 2 * min(a + step, n1)].float() * value_scale, 2)
-        for a in range(0, n1, step)
-    ]
-    levels.append(torch.cat(parts, dim=1))
-    for _ in range(2, n_scales):
-        levels.append(box_downsample(levels[-1], 2))
-    return levels
-
-
 def interpolate_at(field: torch.Tensor, positions: list[torch.Tensor]) -> torch.Tensor:
     """Linear interpolation of a cell-centred field at continuous index positions.
 
@@ -92,7 +59,7 @@ def interpolate_at(field: torch.Tensor, positions: list[torch.Tensor]) -> torch.
         for a, c in enumerate(corner):
             wa = weights[a] if c else 1.0 - weights[a]
             w = wa if w is None else w * wa
-        term = field[(slice(None), *index)] * w
+        term = field[(slice(None), *index)].float() * w
         out = term if out is None else out + term
     return out
 
@@ -129,7 +96,7 @@ def interpolate_blocks(field: torch.Tensor, positions: list[torch.Tensor]) -> to
             each axis (clamped to the border like :func:`interpolate_at`).
 
     Returns:
-        ``(C, n, b, ..., b)``.
+        ``(C, n, b, ..., b)`` float32 (whatever the field's float dtype).
     """
     n, b = positions[0].shape
     d = len(positions)
@@ -147,14 +114,14 @@ def interpolate_blocks(field: torch.Tensor, positions: list[torch.Tensor]) -> to
         patch_index.append(idx.view(view))
         qc = q.clamp(0.0, float(size - 1))
         i0 = qc.floor()
-        w = (qc - i0).to(field.dtype)
+        w = (qc - i0).float()
         p0 = i0.long() - raw_lo[axis][:, None]  # (n, b) position of the lower neighbour
-        mat = torch.zeros((n, b, m), dtype=field.dtype, device=field.device)
+        mat = torch.zeros((n, b, m), device=field.device)
         mat.scatter_add_(2, p0.unsqueeze(2), (1 - w).unsqueeze(2))
         mat.scatter_add_(2, (p0 + 1).clamp(max=m - 1).unsqueeze(2), w.unsqueeze(2))
         weights.append(mat)
     # broadcast indices of shape (n, m, 1, 1) etc.: n * m^d elements, not n * b^d
-    x = field[(slice(None), *patch_index)]  # (C, n, m, ..., m)
+    x = field[(slice(None), *patch_index)].float()  # (C, n, m, ..., m), float32 arithmetic
     for axis in range(d):
         x = x.movedim(2 + axis, -1)
         shape = x.shape

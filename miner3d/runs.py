@@ -42,6 +42,7 @@ from .io import (
 )
 from .memory import format_size, peak_rss, preflight
 from .metrics import time_to
+from .train import FitConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_INPUT = ROOT / "meshes" / "lucy.ply"
@@ -128,40 +129,71 @@ class Signal:
     info: dict[str, Any]
 
 
-def estimate_fit_bytes(padded_samples: int, channels: int, ndim: int, occupancy: bool) -> int:
-    """Peak bytes of a fit (see :func:`miner3d.train.fit`): the padded signal, the box levels
-    and the dense residual fields of scales >= 1 (each ``4 / (2^d - 1)`` bytes per sample and
-    channel), and live-block targets, assumed at most a third of the finest scale's blocks
-    (5 bytes per sample for occupancy, 4 per channel for images)."""
-    coarse = 2 * 4 / (2**ndim - 1) * channels
-    signal = 1 if occupancy else 4 * channels
-    live = (5 if occupancy else 4 * channels) / 3
-    return int(padded_samples * (signal + coarse + live)) + 256 * 2**20
+def estimate_fit_bytes(
+    padded_samples: int, channels: int, ndim: int, signal_bytes: int, fit: FitConfig
+) -> int:
+    """Peak bytes of a fit (see :func:`miner3d.train.fit`): the signal held in memory
+    (``signal_bytes``, 0 for a memory map), the float16 residual fields of scales >= 1
+    (``2 / (2^d - 1)`` bytes per sample and channel) with scale 1's cached targets
+    (``2 / 2^d`` at most), one chunk of activations, and 256 MiB for torch itself. The MLP
+    banks are not counted (their size depends on how much the fit prunes)."""
+    coarse = 2 / (2**ndim - 1) + (2 / 2**ndim if fit.n_scales > 1 else 0)
+    activations = fit.batch_samples * (3 * fit.hidden_layers + 2) * max(fit.hidden, channels) * 4
+    return int(signal_bytes + padded_samples * channels * coarse + activations) + 256 * 2**20
+
+
+def _map_tiff(path: Path) -> np.ndarray | None:
+    """An uncompressed, contiguous single-image TIFF as a read-only memory map ``(C, H, W)``
+    (a view: nothing is read until the fit asks for blocks), or ``None`` when the file cannot
+    be mapped (compressed, tiled, several pages, not a TIFF): it is then decoded instead."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            axes = tif.series[0].axes
+        mapped = tifffile.memmap(path, mode="r")
+    except Exception:  # not mappable: the decoder reports what is wrong, if anything
+        return None
+    if axes == "YX":
+        return mapped[None]
+    if axes == "YXS":
+        return np.moveaxis(mapped, -1, 0)
+    if axes == "SYX":
+        return mapped
+    return None
 
 
 def _read_image(path: Path) -> Signal:
     from skimage import io as skio
 
-    try:
-        image = np.asarray(skio.imread(path))
-    except Exception as exc:  # any decoder failure is the file's fault
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise MinerError(f"could not read image {path}: {reason}") from None
-    if image.ndim == 2:
-        image = image[None]
-    elif image.ndim == 3:
-        image = np.ascontiguousarray(np.moveaxis(image, -1, 0))
-    else:
-        raise MinerError(f"image {path} has shape {image.shape}; expected (H, W) or (H, W, C)")
+    image = _map_tiff(path) if path.suffix.lower() in (".tif", ".tiff") else None
+    mapped = image is not None
+    if image is None:
+        try:
+            image = np.asarray(skio.imread(path))
+        except Exception as exc:  # any decoder failure is the file's fault
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise MinerError(f"could not read image {path}: {reason}") from None
+        if image.ndim == 2:
+            image = image[None]
+        elif image.ndim == 3:
+            image = np.ascontiguousarray(np.moveaxis(image, -1, 0))
+        else:
+            raise MinerError(f"image {path} has shape {image.shape}; expected (H, W) or (H, W, C)")
     if image.dtype == np.uint8:
         scale = 1 / 255
     elif image.dtype == np.uint16:
         scale = 1 / 65535
     elif np.issubdtype(image.dtype, np.floating):
-        image, scale = image.astype(np.float32), 1.0
+        image, scale = (image if image.dtype == np.float32 else image.astype(np.float32)), 1.0
     else:
         raise MinerError(f"image {path} has unsupported sample type {image.dtype}")
-    info = {"kind": "image", "dtype": str(image.dtype), "shape": list(image.shape)}
+    info = {
+        "kind": "image",
+        "dtype": str(image.dtype),
+        "shape": list(image.shape),
+        "memory_mapped": mapped,
+    }
     return Signal(image, False, scale, None, info)
 
 
@@ -319,7 +351,8 @@ def run_fit(
     shape = sig.data.shape if sig.occupancy else sig.data.shape[1:]
     channels = 1 if sig.occupancy else sig.data.shape[0]
     layout = BlockLayout(tuple(shape), config.fit.block, config.fit.n_scales)
-    needed = estimate_fit_bytes(math.prod(layout.padded), channels, len(shape), sig.occupancy)
+    held = 0 if isinstance(sig.data, np.memmap) else sig.data.nbytes
+    needed = estimate_fit_bytes(math.prod(layout.padded), channels, len(shape), held, config.fit)
     hint = ""
     if sig.occupancy:
         fits = config.resolution
@@ -461,18 +494,68 @@ def write_levels(
             if meshes is not None:
                 meshes[j] = (vertices, faces)
         else:
-            written.append(save_image(model.decode(j), sig, run_dir / f"recon_scale{j}.png").name)
+            written.append(save_image(model, run_dir / f"recon_scale{j}.png", j).name)
     return written
 
 
-def save_image(values, sig: Signal, path: Path) -> Path:
-    """(C, H, W) float values in [0, 1] to an 8- or 16-bit PNG like the input's."""
+def render_image(
+    model,
+    scale: int = 0,
+    size: tuple[int, int] | None = None,
+    dtype: np.dtype | type = np.uint8,
+    band: int = 1 << 20,
+) -> np.ndarray:
+    """A 2D model's level of detail ``scale`` as an integer image.
+
+    Args:
+        model: a 2D :class:`~miner3d.model.MinerModel`.
+        scale: level of detail (0: finest).
+        size: ``(H, W)`` to render at by querying the continuous model (super- or
+            sub-sampling); ``None``: scale ``scale``'s own grid, decoded block batch by batch.
+        dtype: ``np.uint8`` or ``np.uint16``; values are clipped to ``[0, 1]`` and rounded.
+        band: samples evaluated per step.
+
+    Returns:
+        ``(H, W, C)``, or ``(H, W)`` for one channel. Memory: the output in ``dtype`` plus one
+        step of float32 (no float copy of the whole image).
+    """
+    layout, channels = model.layout, model.channels
+    top = np.iinfo(dtype).max
+
+    def quantize(values) -> np.ndarray:
+        return np.rint(values.clamp(0, 1).cpu().numpy() * top).astype(dtype)
+
+    if size is None:
+        height, width = layout.valid_shape(scale)
+        out = np.empty((height, width, channels), dtype=dtype)
+        b = layout.block
+        batch = max(1, band // (channels * b * b))
+        for ids, values in model.iter_blocks(scale, batch=batch):
+            block = quantize(values).transpose(0, 2, 3, 1)  # (n, b, b, C)
+            for (r, c), tile in zip(layout.unravel(scale, ids).tolist(), block, strict=True):
+                rows, cols = min(b, height - r * b), min(b, width - c * b)
+                if rows > 0 and cols > 0:
+                    out[r * b : r * b + rows, c * b : c * b + cols] = tile[:rows, :cols]
+    else:
+        height, width = size
+        out = np.empty((height, width, channels), dtype=dtype)
+        cols = (np.arange(width) + 0.5) * layout.shape[1] / width
+        step = max(1, band // width)
+        for r0 in range(0, height, step):
+            rows = (np.arange(r0, min(r0 + step, height)) + 0.5) * layout.shape[0] / height
+            grid = np.stack(np.meshgrid(rows, cols, indexing="ij"), axis=-1).reshape(-1, 2)
+            values = model.query(grid, grid_coords=True, from_scale=scale)  # (P, C)
+            out[r0 : r0 + len(rows)] = quantize(values).reshape(len(rows), width, channels)
+    return out[..., 0] if channels == 1 else out
+
+
+def save_image(model, path: Path, scale: int = 0, size: tuple[int, int] | None = None) -> Path:
+    """Write :func:`render_image` as an 8- or 16-bit PNG (16-bit if the fitted image was)
+    atomically."""
     import imageio.v3 as iio
 
-    array = values.clamp(0, 1).cpu().numpy()
-    dtype = np.uint16 if sig.info.get("dtype") == "uint16" else np.uint8
-    array = np.rint(array * np.iinfo(dtype).max).astype(dtype)
-    array = array[0] if array.shape[0] == 1 else np.moveaxis(array, 0, -1)
+    dtype = np.uint16 if model.meta.get("dtype") == "uint16" else np.uint8
+    array = render_image(model, scale, size, dtype)
     with atomic_write(path) as tmp:
         iio.imwrite(tmp, array, extension=path.suffix or ".png")
     return path

@@ -4,8 +4,13 @@ For each scale ``j`` from the coarsest (``J - 1``) to the finest (0):
 
 1. **Targets.** Stream over every block of the scale: the target is the box-filtered signal
    ``G_j`` minus the reconstruction of the coarser scales at this scale's samples (the
-   residual, eq. 7; the Gaussian-pyramid ablation fits ``G_j`` itself). Scale 0's targets are
-   built from the 1-byte signal per block batch; no float copy of the full grid exists.
+   residual, eq. 7; the Gaussian-pyramid ablation fits ``G_j`` itself). The signal is read
+   through :class:`~miner3d.source.SignalSource` (its own dtype, or a memory map; levels
+   box-filtered per block when needed): no padded, float or per-scale copy of the full signal
+   exists. The live blocks' targets are cached in float16 when a scale's cache would fit in
+   ``cache_targets`` bytes (the coarse scales, and every scale of small signals; float16
+   rounding, ~1e-4 at most, is far below any quality figure), otherwise recomputed at each
+   iteration's samples from the signal and the coarser scales' fields, never stored.
 2. **Prune before** (paper 3.2): a block whose mean squared residual is at most
    ``prune_mse`` gets no MLP; its residual is zero.
 3. **Fit** the live blocks' MLPs together (batched matmul), loss = sum of per-block MSEs so
@@ -31,12 +36,13 @@ import numpy as np
 import torch
 
 from .bank import BankAdam, BankShape, MLPBank
-from .blocks import BlockLayout, gather_blocks, local_coordinates
+from .blocks import BlockLayout, local_coordinates
 from .errors import MinerError
 from .grid import GridTransform
+from .memory import return_large_frees
 from .metrics import MetricSums, block_sums, full_resolution_sums
 from .model import MinerModel
-from .pyramid import gaussian_levels
+from .source import SignalSource
 
 
 @dataclass
@@ -77,8 +83,16 @@ class FitConfig:
     """Samples per block per iteration, drawn at random (0: all ``b^d``)."""
     metric_every: int = 50
     """Iterations between quality measurements at the finest scale (0: at scale ends only)."""
-    batch_blocks: int = 1024
-    """Blocks per batch in streamed passes (targets, metrics)."""
+    batch_blocks: int = 0
+    """Blocks per batch in streamed passes (targets, metrics); 0: as many as hold 2^20
+    samples (the transient memory of a pass is a few tens of bytes per sample of a batch)."""
+    cache_targets: int = 256 << 20
+    """Bytes under which a scale's targets are cached (float16) rather than recomputed at
+    every iteration's samples (the whole scale's blocks counted, pruned or not)."""
+    batch_samples: int = 1 << 19
+    """Samples (blocks x points) per forward/backward chunk of an iteration; bounds the
+    activation memory (about ``(3 * hidden_layers + 2) * hidden * 4`` bytes per sample) and
+    leaves the result unchanged (every block's gradient is its own)."""
     seed: int = 0
     """Seed of the MLP initialisation and of the sample draws."""
     time_limit: float = 0.0
@@ -105,7 +119,9 @@ class FitConfig:
             "pyramid": self.pyramid in ("laplacian", "gaussian"),
             "points_per_block": self.points_per_block >= 0,
             "metric_every": self.metric_every >= 0,
-            "batch_blocks": self.batch_blocks >= 1,
+            "batch_blocks": self.batch_blocks >= 0,
+            "batch_samples": self.batch_samples >= 1,
+            "cache_targets": self.cache_targets >= 0,
             "time_limit": self.time_limit >= 0,
             "target": self.target >= 0,
         }
@@ -178,8 +194,9 @@ def fit(
 
     Args:
         signal: occupancy ``(*S)``; image ``(C, *S)`` or ``(*S)`` for one channel; ``d = 2``
-            or ``3`` spatial axes.
-            Kept in its own dtype (uint8 occupancy stays 1 byte per voxel).
+            or ``3`` spatial axes. A torch tensor or numpy array is kept in its own dtype
+            (uint8 occupancy stays 1 byte per voxel); a numpy memory map is read from disk
+            block batch by block batch (see :mod:`miner3d.source`).
         config: :class:`FitConfig` (paper defaults if omitted).
         occupancy: the signal is a binary occupancy (IoU is measured) rather than an image.
         value_scale: multiplies raw values into ``[0, 1]`` (1/255 for 8-bit images).
@@ -194,13 +211,19 @@ def fit(
             raises :class:`FitInterrupted`.
 
     Returns:
-        :class:`FitResult`. Peak memory: the padded signal in its dtype, the box-filtered levels
-        1..J-1 (float32, ``4 / (2^d - 1)`` bytes per sample and channel at most), the dense
-        residual fields 1..J-1 (as much again), and per live block of the current scale its
-        target (float32) and, for occupancy, its ground truth (1 byte) per sample.
+        :class:`FitResult`. Peak memory, per full-resolution sample and channel: the signal
+        in its dtype (nothing for a memory map), the dense residual fields of scales 1..J-1
+        (float16, ``2 / (2^d - 1)`` bytes together), the current scale's cached targets (at
+        most ``cache_targets`` bytes); plus the MLP banks with their Adam state, the
+        activations of one chunk of ``batch_samples`` samples and one block batch of the
+        streamed passes. Nothing else is kept per sample.
     """
     config = config or FitConfig()
     config.validate()
+    if math.prod(np.shape(signal)) >= 1 << 26:  # large signals: memory before allocation speed
+        # freed tensors leave the resident set at once (-170 MiB of peak on 64 MP RGB; on
+        # small fits the page faults of fresh allocations cost up to 1.7x the time)
+        return_large_frees()
     dev = pick_device(str(device))
     trainer = _Trainer(signal, config, occupancy, value_scale, transform, dev, callback, meta)
     trainer.checkpoint = checkpoint
@@ -211,9 +234,10 @@ def fit(
 
 class _Trainer:
     def __init__(self, signal, config, occupancy, value_scale, transform, device, callback, meta):
-        signal = torch.as_tensor(np.asarray(signal)) if not torch.is_tensor(signal) else signal
+        if not torch.is_tensor(signal) and not isinstance(signal, np.memmap):
+            signal = torch.as_tensor(np.asarray(signal))
         if occupancy or signal.ndim == 2:  # one channel: (*S) -> (1, *S)
-            signal = signal.unsqueeze(0)
+            signal = signal[None]
         if signal.ndim - 1 not in (2, 3):
             raise MinerError(
                 f"signals must have 2 or 3 spatial axes, got shape {tuple(signal.shape)}"
@@ -230,22 +254,14 @@ class _Trainer:
         self.layout = BlockLayout(tuple(signal.shape[1:]), c.block, c.n_scales)
         self.d = self.layout.ndim
         self.channels = signal.shape[0]
-        # pad at full resolution: zeros for occupancy (outside), the border value for images
-        padded = torch.zeros(
-            (self.channels, *self.layout.padded), dtype=signal.dtype, device=signal.device
+        # the padding is virtual: zeros for occupancy (outside), the border value for images
+        self.source = SignalSource(
+            signal, self.layout, "zero" if occupancy else "edge", value_scale, device
         )
-        padded[(slice(None), *(slice(0, n) for n in self.layout.shape))] = signal
-        if not occupancy:
-            for axis, n in enumerate(self.layout.shape):
-                extra = self.layout.padded[axis] - n
-                if extra:
-                    pad = padded.narrow(axis + 1, n, extra)
-                    pad.copy_(padded.narrow(axis + 1, n - 1, 1).expand_as(pad))
-        self.signal = padded.to(device)
-        self.levels = gaussian_levels(self.signal, c.n_scales, value_scale, slab=64)
         shape = BankShape(self.d, c.hidden, c.hidden_layers, self.channels, c.w0)
         model_meta = {"config": asdict(c), "occupancy": occupancy, "value_scale": value_scale}
         model_meta.update(meta or {})
+        self.batch_blocks = c.batch_blocks or max(1, (1 << 20) // (self.channels * c.block**self.d))
         self.model = MinerModel(
             self.layout,
             shape,
@@ -275,22 +291,11 @@ class _Trainer:
             return {"iou": sums.iou(0), "iou_04": sums.iou(1)}
         return {"psnr": sums.psnr}
 
-    def _level_blocks(self, j: int, coords: torch.Tensor) -> torch.Tensor:
-        """Blocks of the box-filtered signal at scale j, float32 ``(n, C, b..b)``."""
-        if j == 0:
-            return gather_blocks(self.signal, self.layout.block, coords).float() * self.value_scale
-        return gather_blocks(self.levels[j], self.layout.block, coords)
-
     def full_metrics(self, from_scale: int) -> MetricSums:
         """Quality of the reconstruction at level of detail ``from_scale``, measured on the
         full-resolution grid (streamed block batch by block batch)."""
         return full_resolution_sums(
-            self.model,
-            self.signal,
-            from_scale,
-            self.value_scale,
-            self.occupancy,
-            self.config.batch_blocks,
+            self.model, self.source, from_scale, self.occupancy, self.batch_blocks
         )
 
     # -- checkpoints ---------------------------------------------------------------------
@@ -394,19 +399,26 @@ class _Trainer:
     def _targets(self, j: int):
         """Stream every block of scale j: residual targets, pruning, fixed metric sums.
 
-        Returns live ids ``(m,)``, targets ``(m, C, b^d)`` float32, ground truth of the live
-        blocks at scale 0 for occupancy ``(m, C, b^d)`` uint8 (else None), and the metric sums
-        of the pruned blocks at scale 0. Deterministic given the coarser scales, so a resumed
-        fit rebuilds them instead of storing them.
+        Returns live ids ``(m,)``; their targets ``(m, C, b^d)`` float16 when the scale's
+        cache fits ``cache_targets`` (else ``None``: recomputed at each iteration's samples);
+        and the metric sums of the pruned blocks at scale 0. Deterministic given the
+        coarser scales, so a resumed fit rebuilds them instead of storing them.
         """
         c, layout = self.config, self.layout
         n = layout.n_blocks(j)
-        live_ids, targets, truths = [], [], []
+        live_ids = []
+        targets = None
+        if n * self.channels * c.block**self.d * 2 <= c.cache_targets:
+            # room for every block; only the rows written are ever touched (resident)
+            targets = torch.empty(
+                (n, self.channels, c.block**self.d), dtype=torch.float16, device=self.device
+            )
+        filled = 0
         pruned = MetricSums()
-        for start in range(0, n, c.batch_blocks):
-            ids = torch.arange(start, min(start + c.batch_blocks, n), device=self.device)
+        for start in range(0, n, self.batch_blocks):
+            ids = torch.arange(start, min(start + self.batch_blocks, n), device=self.device)
             coords = layout.unravel(j, ids)
-            level = self._level_blocks(j, coords)
+            level = self.source.level_blocks(j, coords)
             if j < c.n_scales - 1:
                 base = self.model.evaluate_blocks(j, ids, from_scale=j + 1)
             else:
@@ -414,12 +426,12 @@ class _Trainer:
             residual = level - base
             energy = residual.square().flatten(1).mean(dim=1)
             live = energy > c.prune_mse
-            target = level if self.model.gaussian else residual
             live_ids.append(ids[live])
-            targets.append(target[live].flatten(2))
-            if j == 0:
-                if self.occupancy:
-                    truths.append(gather_blocks(self.signal, c.block, coords[live]).flatten(2))
+            if targets is not None:
+                kept = (level if self.model.gaussian else residual)[live].flatten(2)
+                targets[filled : filled + len(kept)] = kept
+                filled += len(kept)
+            if j == 0:  # a pruned block's value is the coarser scales' sum
                 mask = layout.valid_mask(0, ids)
                 dead = ~live
                 pruned = pruned.add(
@@ -430,8 +442,9 @@ class _Trainer:
                         self.occupancy,
                     )
                 )
-        ids = torch.cat(live_ids)
-        return ids, torch.cat(targets), (torch.cat(truths) if truths else None), pruned
+        if targets is not None:
+            targets = targets[:filled]  # the unfilled rows were never touched
+        return torch.cat(live_ids), targets, pruned
 
     def _init_bank(self, j: int, ids: torch.Tensor) -> MLPBank:
         c = self.config
@@ -446,35 +459,70 @@ class _Trainer:
                 p[has] = q[slots[has]] * shrink
         return bank
 
-    def _stats(self, outputs, targets, truths, ids) -> MetricSums:
-        """Metric sums at scale 0 of some live blocks, given their outputs ``(m, C, b^d)``."""
-        err = outputs - targets
-        if self.occupancy:
-            truth = truths.float()
-            values = truth + err  # = coarser base + this scale's output
-        else:
-            truth = torch.zeros_like(err)
-            values = err
-        mask = self.layout.valid_mask(0, ids)
-        if mask is not None:
-            mask = mask.flatten(1)
-        return block_sums(values, truth, mask, self.occupancy)
+    def _local(self, flat: torch.Tensor) -> torch.Tensor:
+        """Flat sample indices inside a block ``(P,)`` -> integer positions ``(P, d)``."""
+        b = self.config.block
+        return torch.stack(
+            [
+                torch.div(flat, b ** (self.d - 1 - a), rounding_mode="floor") % b
+                for a in range(self.d)
+            ],
+            dim=1,
+        )
+
+    def _chunk_targets(self, st, rows: slice, pick: torch.Tensor | None) -> torch.Tensor:
+        """Targets ``(m, C, P)`` of live rows ``rows`` at the samples ``pick`` (all if None):
+        from the cache, or from the signal minus the coarser scales' sum at exactly those
+        samples."""
+        cached = st["live_targets"]
+        if cached is not None:
+            part = cached[rows]
+            return (part if pick is None else part[:, :, pick]).float()
+        j, ids = st["scale"], st["live_ids"][rows]
+        flat = torch.arange(self.coords.shape[0], device=self.device) if pick is None else pick
+        local = self._local(flat)
+        level = self.source.values_at(j, ids, local)
+        if self.model.gaussian:
+            return level
+        return level - self.model.evaluate_samples(j, ids, local, from_scale=j + 1)
 
     @torch.no_grad()
-    def _full_outputs(self, bank: MLPBank, rows: torch.Tensor | None = None) -> torch.Tensor:
-        outs = []
-        n = len(bank) if rows is None else len(rows)
-        for start in range(0, n, self.config.batch_blocks):
-            sel = torch.arange(start, min(start + self.config.batch_blocks, n), device=self.device)
-            sel = sel if rows is None else rows[sel]
-            outs.append(bank.evaluate(self.coords, rows=sel).transpose(1, 2))
-        if not outs:
-            return torch.zeros((0, self.channels, self.coords.shape[0]), device=self.device)
-        return torch.cat(outs)
+    def _live_sums(self, bank: MLPBank, rows: torch.Tensor, ids: torch.Tensor) -> MetricSums:
+        """Metric sums at scale 0 of blocks ``ids`` whose MLPs are rows ``rows`` of ``bank``,
+        streamed block batch by block batch (their outputs on every sample, plus the coarser
+        scales' sum, against the full-resolution signal)."""
+        layout, b, d = self.layout, self.config.block, self.d
+        sums = MetricSums()
+        for start in range(0, len(ids), self.batch_blocks):
+            part = ids[start : start + self.batch_blocks]
+            out = bank.evaluate(self.coords, rows=rows[start : start + len(part)])
+            values = out.transpose(1, 2).reshape((len(part), self.channels) + (b,) * d)
+            if not self.model.gaussian:
+                values += self.model.evaluate_blocks(0, part, from_scale=1)
+            truth = self.source.level_blocks(0, layout.unravel(0, part))
+            sums = sums.add(block_sums(values, truth, layout.valid_mask(0, part), self.occupancy))
+        return sums
+
+    def _step(self, st, pick: torch.Tensor | None) -> torch.Tensor:
+        """Forward and backward over the live blocks in chunks of ``batch_samples`` samples;
+        returns every live block's MSE ``(n_active,)`` (gradients accumulate in the bank)."""
+        bank = st["opt"].bank
+        n = len(st["active"])
+        coords = self.coords if pick is None else self.coords[pick]
+        step = max(1, self.config.batch_samples // coords.shape[0])
+        losses = []
+        for start in range(0, n, step):
+            rows = slice(start, min(start + step, n))
+            target = self._chunk_targets(st, rows, pick)
+            out = bank.forward(coords, rows=None if step >= n else rows).transpose(1, 2)
+            block_mse = (out - target).square().flatten(1).mean(dim=1)
+            block_mse.sum().backward()
+            losses.append(block_mse.detach())
+        return torch.cat(losses) if losses else torch.zeros(0, device=self.device)
 
     def _fit_scale(self, j: int, resume: Checkpoint | None = None) -> None:
         c = self.config
-        ids, targets, truths, pruned_sums = self._targets(j)
+        ids, targets, pruned_sums = self._targets(j)
         n_live = len(ids)
         per_block = self.model.bank_shape.params_per_block
         params_now = self.model.n_params + n_live * per_block
@@ -539,10 +587,12 @@ class _Trainer:
             )
         opt: BankAdam = st["opt"]
         # the live blocks' data, compacted whenever blocks freeze (no per-iteration gather)
-        st["live_targets"] = targets[st["active"]]
-        st["live_truths"] = None if truths is None else truths[st["active"]]
+        if targets is not None and len(st["active"]) < len(targets):  # resumed mid-scale
+            targets = _compact(targets, st["active"])
+        st["live_targets"] = targets
         st["live_ids"] = ids[st["active"]]
-        del targets, truths
+        st["scale"] = j
+        del targets
         n_samples = self.coords.shape[0]
         last_checkpoint = time.perf_counter()
         it = st["it"]
@@ -550,15 +600,11 @@ class _Trainer:
             active = st["active"]
             if len(active) == 0:
                 break
+            pick = None
             if 0 < c.points_per_block < n_samples:
                 pick = torch.randperm(n_samples, generator=self.generator)[: c.points_per_block]
                 pick = pick.to(self.device)
-                coords, target = self.coords[pick], st["live_targets"][:, :, pick]
-            else:
-                coords, target = self.coords, st["live_targets"]
-            out = opt.bank.forward(coords).transpose(1, 2)  # (n_active, C, P)
-            block_mse = (out - target).square().flatten(1).mean(dim=1)
-            block_mse.sum().backward()
+            block_mse = self._step(st, pick)
             opt.lr = c.lr * c.lr_decay ** (it - 1)
             opt.step()
             loss = (st["frozen_mse"] + float(block_mse.detach().sum())) / max(n_live, 1)
@@ -572,8 +618,8 @@ class _Trainer:
             active = st["active"]
             record = None
             if j == 0 and c.metric_every and it % c.metric_every == 0:
-                outs = self._full_outputs(opt.bank)
-                live_sums = self._stats(outs, st["live_targets"], st["live_truths"], st["live_ids"])
+                rows = torch.arange(len(active), device=self.device)
+                live_sums = self._live_sums(opt.bank, rows, st["live_ids"])
                 record = self._metric_fields(pruned_sums.add(st["frozen_sums"]).add(live_sums))
             if record is not None or it % 50 == 0 or it == 1:
                 self._log(
@@ -625,19 +671,21 @@ class _Trainer:
         for f, p in zip(st["final"], opt.bank.params, strict=True):
             f[rows] = p.detach()[done]
         if j == 0:
-            outs = self._full_outputs(opt.bank, torch.nonzero(done).squeeze(1))
-            truths = st["live_truths"]
-            frozen = self._stats(
-                outs,
-                st["live_targets"][done],
-                None if truths is None else truths[done],
-                st["live_ids"][done],
-            )
+            frozen = self._live_sums(opt.bank, torch.nonzero(done).squeeze(1), st["live_ids"][done])
             st["frozen_sums"] = st["frozen_sums"].add(frozen)
         st["frozen_mse"] += float(block_mse[done].sum())
         keep = torch.nonzero(~done).squeeze(1)
         opt.keep(keep)
         st["active"] = active[keep]
-        for key in ("live_targets", "live_truths", "live_ids"):
-            if st[key] is not None:
-                st[key] = st[key][keep]
+        st["live_ids"] = st["live_ids"][keep]
+        if st["live_targets"] is not None:
+            st["live_targets"] = _compact(st["live_targets"], keep)
+
+
+def _compact(rows: torch.Tensor, keep: torch.Tensor, step: int = 4096) -> torch.Tensor:
+    """``rows[keep]`` for sorted ``keep``, in place, a few rows at a time: never a second copy
+    of a large cache (a row moves only towards the front, past rows already moved)."""
+    for start in range(0, len(keep), step):
+        part = keep[start : start + step]
+        rows[start : start + len(part)] = rows[part]
+    return rows[: len(keep)]

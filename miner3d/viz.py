@@ -120,9 +120,12 @@ def render_levels(
     return plotter.last_image
 
 
-def render_image_levels(model: MinerModel, path: str | Path) -> np.ndarray:
-    """Each level of detail of a 2D model with its blocks with an MLP outlined (Fig. 4)."""
+def render_image_levels(model: MinerModel, path: str | Path, max_side: int = 1024) -> np.ndarray:
+    """Each level of detail of a 2D model with its blocks with an MLP outlined (Fig. 4); a
+    level larger than ``max_side`` pixels is rendered at that size by querying the model."""
     import matplotlib
+
+    from .runs import render_image
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -131,10 +134,19 @@ def render_image_levels(model: MinerModel, path: str | Path) -> np.ndarray:
     n = model.layout.n_scales
     fig, axes = plt.subplots(1, n, figsize=(4 * n, 4), squeeze=False)
     for col, j in enumerate(range(n - 1, -1, -1)):
-        values = model.decode(j).clamp(0, 1).cpu().numpy()
-        image = values[0] if values.shape[0] == 1 else np.moveaxis(values[:3], 0, -1)
+        height, width = model.layout.valid_shape(j)
+        shrink = max(1.0, max(height, width) / max_side)  # never a full-size copy of a huge image
+        size = None if shrink == 1 else (round(height / shrink), round(width / shrink))
+        image = render_image(model, j, size)
+        image = image[..., :3] if image.ndim == 3 else image
         ax = axes[0, col]
-        ax.imshow(image, cmap="gray" if image.ndim == 2 else None, vmin=0, vmax=1)
+        ax.imshow(
+            image,
+            cmap="gray" if image.ndim == 2 else None,
+            vmin=0,
+            vmax=255,
+            extent=(-0.5, width - 0.5, height - 0.5, -0.5),  # scale j's pixel coordinates
+        )
         bank = model.scales[j]
         if bank is not None and len(bank.block_ids):
             b = model.layout.block
