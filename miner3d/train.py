@@ -81,6 +81,10 @@ class FitConfig:
     """``laplacian`` (fit residuals) or ``gaussian`` (fit each scale's signal, the ablation)."""
     points_per_block: int = 0
     """Samples per block per iteration, drawn at random (0: all ``b^d``)."""
+    iteration_samples: int = 0
+    """If > 0, overrides ``points_per_block`` at each scale's start: this many samples per
+    iteration shared by the scale's live blocks, at least 64 per block (at most ``b^d``).
+    Small signals then see every sample, large ones a subset, at a bounded iteration cost."""
     metric_every: int = 50
     """Iterations between quality measurements at the finest scale (0: at scale ends only)."""
     batch_blocks: int = 0
@@ -118,6 +122,7 @@ class FitConfig:
             "plateau_tol": self.plateau_tol >= 0,
             "pyramid": self.pyramid in ("laplacian", "gaussian"),
             "points_per_block": self.points_per_block >= 0,
+            "iteration_samples": self.iteration_samples >= 0,
             "metric_every": self.metric_every >= 0,
             "batch_blocks": self.batch_blocks >= 0,
             "batch_samples": self.batch_samples >= 1,
@@ -594,6 +599,9 @@ class _Trainer:
         st["scale"] = j
         del targets
         n_samples = self.coords.shape[0]
+        points = c.points_per_block
+        if c.iteration_samples:
+            points = max(64, c.iteration_samples // max(1, n_live))
         last_checkpoint = time.perf_counter()
         it = st["it"]
         for it in range(st["it"] + 1, c.max_iters + 1):
@@ -601,8 +609,8 @@ class _Trainer:
             if len(active) == 0:
                 break
             pick = None
-            if 0 < c.points_per_block < n_samples:
-                pick = torch.randperm(n_samples, generator=self.generator)[: c.points_per_block]
+            if 0 < points < n_samples:
+                pick = torch.randperm(n_samples, generator=self.generator)[:points]
                 pick = pick.to(self.device)
             block_mse = self._step(st, pick)
             opt.lr = c.lr * c.lr_decay ** (it - 1)

@@ -52,20 +52,27 @@ BASE = {
 THRESHOLDS = (0.99, 0.995, 0.999)
 
 # 2D: the image preset's shape, and the baselines of the paper's Fig. 5
-IMAGE_METHODS: dict[str, dict] = {
+IMAGE_METHODS: dict[str, dict] = {  # one scale: the time cap, not max_iters, ends the run
     "miner": {},
-    "kilonerf": {"n_scales": 1},
-    "siren": {"n_scales": 1, "hidden_layers": 3, "points_per_block": 65536},
+    "kilonerf": {"n_scales": 1, "max_iters": 10**6},
+    "siren": {
+        "n_scales": 1,
+        "hidden_layers": 3,
+        "points_per_block": 65536,
+        "iteration_samples": 0,
+        "max_iters": 10**6,
+    },
 }
-IMAGE_BASE = {
+IMAGE_BASE = {  # the image preset's settings (configs/image.yaml), measured more often
     "n_scales": 3,
     "block": 32,
     "hidden": 20,
     "hidden_layers": 3,
-    "lr": 1e-3,
-    "prune_mse": 1e-5,
-    "freeze_mse": 1e-5,
-    "max_iters": 5000,
+    "lr": 2e-3,
+    "iteration_samples": 131072,
+    "prune_mse": 3e-5,
+    "freeze_mse": 3e-5,
+    "max_iters": 500,
     "metric_every": 25,
 }
 IMAGE_THRESHOLDS = (30.0, 35.0, 40.0)
