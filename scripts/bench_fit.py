@@ -69,7 +69,7 @@ IMAGE_BASE = {  # the image preset's settings (configs/image.yaml), measured mor
     "hidden": 20,
     "hidden_layers": 3,
     "lr": 2e-3,
-    "iteration_samples": 131072,
+    "iteration_samples": 32768,
     "prune_mse": 3e-5,
     "freeze_mse": 3e-5,
     "max_iters": 500,
