@@ -225,7 +225,11 @@ class MinerModel:
 
     @torch.no_grad()
     def query(
-        self, points: np.ndarray | torch.Tensor, grid_coords: bool = False, from_scale: int = 0
+        self,
+        points: np.ndarray | torch.Tensor,
+        grid_coords: bool = False,
+        from_scale: int = 0,
+        chunk: int = 1 << 16,
     ) -> torch.Tensor:
         """The model at arbitrary points.
 
@@ -234,6 +238,8 @@ class MinerModel:
                 continuous full-resolution grid coordinates if ``grid_coords`` (voxel ``i``'s
                 centre at ``i + 0.5``).
             from_scale: level of detail: only scales ``>= from_scale`` are summed.
+            chunk: points per evaluation of the finest scale: its transient memory is the
+                blocks those points touch (all ``b^d`` samples of each).
 
         Returns:
             ``(P, C)`` float32. Points outside the grid take the border value.
@@ -249,7 +255,9 @@ class MinerModel:
                 positions = [(g[:, a] / 2**k - 0.5).float() for a in range(self.layout.ndim)]
                 total += interpolate_at(self.residual_field(k), positions)
         if from_scale == 0 and self.scales[0] is not None:
-            total += self._query_finest(g)
+            # in chunks of points, so that one chunk's touched blocks are evaluated at a time
+            for start in range(0, g.shape[0], chunk):
+                total[:, start : start + chunk] += self._query_finest(g[start : start + chunk])
         return total.T.contiguous()
 
     def _query_finest(self, g: torch.Tensor) -> torch.Tensor:
