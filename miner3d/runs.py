@@ -404,6 +404,7 @@ def run_fit(
     meshes: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     outputs = write_levels(result.model, run_dir, config, sig, meshes)
     outputs += write_pictures(result.model, run_dir, result.history, meshes)
+    ssim = None if sig.occupancy else image_ssim(result.model, sig)
     output_seconds = time.perf_counter() - t0
 
     thresholds = (0.99, 0.995, 0.999) if sig.occupancy else (30.0, 35.0, 40.0)
@@ -419,6 +420,7 @@ def run_fit(
         "shape": list(shape),
         **result.summary,
         f"seconds_to_{metric}": reached,
+        **({} if sig.occupancy else {"ssim": ssim}),
         "model_bytes": model_bytes,
         "compression_ratio": reference_bytes / model_bytes,
         "compared_with": "bit-packed grid" if sig.occupancy else "raw samples",
@@ -437,6 +439,26 @@ def run_fit(
     (run_dir / CHECKPOINT).unlink(missing_ok=True)
     summary["run_dir"] = str(run_dir)
     return summary
+
+
+SSIM_MAX_SAMPLES = 1 << 24
+
+
+def image_ssim(model, sig: Signal) -> float | None:
+    """SSIM (``skimage.metrics.structural_similarity``, data range 1) of the finest
+    reconstruction against the input image; ``None`` for images of more than
+    :data:`SSIM_MAX_SAMPLES` samples (skimage works on float64 copies, about 40 bytes per
+    sample) or smaller than its 7 x 7 window."""
+    from skimage.metrics import structural_similarity
+
+    image = np.moveaxis(np.asarray(sig.data), 0, -1)  # (H, W, C)
+    if image.size > SSIM_MAX_SAMPLES or min(image.shape[:2]) < 7:
+        return None
+    recon = render_image(model, 0, dtype=np.uint16).astype(np.float32) / 65535
+    truth = image.astype(np.float32) * sig.value_scale
+    if image.shape[-1] == 1:
+        return float(structural_similarity(recon, truth[..., 0], data_range=1.0))
+    return float(structural_similarity(recon, truth, data_range=1.0, channel_axis=-1))
 
 
 def write_pictures(
@@ -589,6 +611,7 @@ def describe_summary(summary: dict[str, Any]) -> list[str]:
         f"final IoU (threshold 0.5, full grid): {summary[metric]:.5f}"
         if metric == "iou"
         else f"final PSNR: {summary[metric]:.2f} dB"
+        + (f", SSIM {summary['ssim']:.4f}" if summary.get("ssim") is not None else "")
     )
     lines.append(
         f"parameters {summary['params']:,} | model {format_size(summary['model_bytes'])} "

@@ -32,6 +32,10 @@ def test_rgb_photo(capsys, tmp_path):
     recon = skio.imread(out / "recon_scale0.png")
     assert recon.shape == image.shape and recon.dtype == np.uint8
     assert _psnr(recon, image, 255) == pytest.approx(summary["psnr"], abs=0.3)
+    from skimage.metrics import structural_similarity
+
+    ssim = structural_similarity(recon, image, channel_axis=-1, data_range=255)
+    assert 0.7 < summary["ssim"] <= 1 and summary["ssim"] == pytest.approx(ssim, abs=0.02)
     assert skio.imread(out / "recon_scale2.png").shape == (64, 64, 3)  # level of detail 2
     assert (out / "levels.png").is_file() and (out / "history.png").is_file()
     # the continuous model renders at any size
