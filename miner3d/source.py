@@ -70,10 +70,6 @@ class SignalSource:
             self.data = tensor.to(self.device)
 
     @property
-    def dtype(self) -> str:
-        return str(self.data.dtype).replace("torch.", "")
-
-    @property
     def nbytes(self) -> int:
         """Bytes the source keeps in memory (0 for a memory map)."""
         return 0 if self.mapped else self.data.numel() * self.data.element_size()
