@@ -171,29 +171,17 @@ class MinerModel:
         return total
 
     @torch.no_grad()
-    def evaluate_samples(
-        self, s: int, ids: torch.Tensor, local: torch.Tensor, from_scale: int | None = None
-    ) -> torch.Tensor:
-        """:meth:`evaluate_blocks` at only some samples of the blocks: the same local
-        positions ``local`` ``(P, d)`` (integers in ``[0, b)``) of every block ``ids`` of scale
-        ``s``. Returns ``(n, C, P)``; memory is per sample asked for, not per block."""
-        from_scale = s if from_scale is None else from_scale
+    def coarser_samples(self, s: int, ids: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+        """The coarser scales' sum ``sum_{k > s} L_k(R_k)`` (what scale ``s`` refines) at the
+        same local positions ``local`` ``(P, d)`` (integers in ``[0, b)``) of every block
+        ``ids`` of scale ``s``: :meth:`evaluate_blocks` with ``from_scale = s + 1`` at only
+        those samples. Returns ``(n, C, P)``; memory is per sample asked for, not per block."""
         b, d = self.layout.block, self.layout.ndim
         local = local.to(self.device)
         total = torch.zeros((len(ids), self.channels, local.shape[0]), device=self.device)
         coords = self.layout.unravel(s, ids).to(torch.float64)
-        for k in range(max(from_scale, s), self.layout.n_scales):
-            scale = self.scales[k]
-            if scale is None:
-                continue
-            if k == s:
-                slots = self._slots[s][ids]
-                has = slots >= 0
-                if has.any():
-                    x = (2 * local.float() + 1) / b - 1  # local_coordinates of those samples
-                    total[has] += scale.bank.evaluate(x, rows=slots[has]).transpose(1, 2)
-                    if self.gaussian:
-                        total[has] -= self.evaluate_samples(s, ids[has], local, s + 1)
+        for k in range(s + 1, self.layout.n_scales):
+            if self.scales[k] is None:
                 continue
             factor = 2.0 ** (k - s)
             positions = [

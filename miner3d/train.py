@@ -489,7 +489,7 @@ class _Trainer:
         level = self.source.values_at(j, ids, local)
         if self.model.gaussian:
             return level
-        return level - self.model.evaluate_samples(j, ids, local, from_scale=j + 1)
+        return level - self.model.coarser_samples(j, ids, local)
 
     @torch.no_grad()
     def _live_sums(self, bank: MLPBank, rows: torch.Tensor, ids: torch.Tensor) -> MetricSums:
