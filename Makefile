@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.miner3d-installed
 
-.PHONY: demo test lint clean
+.PHONY: demo test test-fast lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,12 +19,19 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/miner3d fit meshes/lucy.ply -o runs/demo --force
 
+# ruff, and the layer contract of the package (pyproject.toml, [tool.importlinter])
 lint: $(STAMP)
 	$(BIN)/ruff check miner3d tests scripts
 	$(BIN)/ruff format --check miner3d tests scripts
+	$(BIN)/lint-imports --no-cache
 
+# everything: lint, then every test (slow ones included: subprocesses, the install, 64 MP)
 test: lint
 	$(BIN)/python -m pytest
+
+# the inner loop: the tests not marked slow
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

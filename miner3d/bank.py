@@ -6,8 +6,8 @@ Initialisation follows SIREN (Sitzmann et al. 2020): the first layer uniform in
 ``+-1/in``, later layers uniform in ``+-sqrt(6/in)/w0``.
 
 The bank never knows the signal: the trainer gives it local coordinates and blocks to run.
-Rows can be selected (:meth:`MLPBank.select`) so that frozen blocks leave the optimisation
-together with their optimiser state (:class:`BankAdam`).
+Frozen blocks leave the optimisation together with their optimiser state
+(:meth:`BankAdam.keep`).
 """
 
 from __future__ import annotations
@@ -111,15 +111,30 @@ class MLPBank:
         ]
         return torch.cat(parts, dim=-2)
 
-    def select(self, rows: torch.Tensor) -> MLPBank:
-        """A new bank of the given rows (copies)."""
-        return MLPBank(self.shape, [p[rows].detach().clone() for p in self.params])
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The parameters by name, ``param<i>`` for ``params[i]`` (the keys models and
+        checkpoints store, under a prefix)."""
+        return {f"param{i}": p for i, p in enumerate(self.params)}
 
-    @staticmethod
-    def concat(banks: list[MLPBank]) -> MLPBank:
-        """Rows of several banks of the same shape, in order."""
-        params = [torch.cat([b.params[i] for b in banks]) for i in range(len(banks[0].params))]
-        return MLPBank(banks[0].shape, params)
+    @classmethod
+    def from_state_dict(
+        cls, shape: BankShape, state: dict[str, torch.Tensor], device: torch.device | str = "cpu"
+    ) -> MLPBank:
+        """A bank of ``shape`` from :meth:`state_dict`'s keys; a missing key is a
+        ``KeyError`` naming it."""
+        n = 2 * len(shape.layer_sizes)
+        return cls(shape, [state[f"param{i}"].to(device) for i in range(n)])
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Replace the parameters by :meth:`state_dict`'s tensors (on their current device)."""
+        device = self.params[0].device
+        self.params = MLPBank.from_state_dict(self.shape, state, device).params
+
+    def to(self, device: torch.device | str) -> MLPBank:
+        """This bank on ``device`` (``self`` when already there)."""
+        if all(p.device == torch.device(device) for p in self.params):
+            return self
+        return MLPBank(self.shape, [p.detach().to(device) for p in self.params])
 
 
 class BankAdam:
@@ -161,16 +176,18 @@ class BankAdam:
         self.exp_avg = [m[rows].clone() for m in self.exp_avg]
         self.exp_avg_sq = [v[rows].clone() for v in self.exp_avg_sq]
 
-    def state_dict(self) -> dict:
-        return {
-            "step": self.step_count,
-            "lr": self.lr,
-            "exp_avg": self.exp_avg,
-            "exp_avg_sq": self.exp_avg_sq,
-        }
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The moments by name (``exp_avg<i>``, ``exp_avg_sq<i>`` for parameter ``i``); the
+        step count and learning rate are :attr:`step_count` and :attr:`lr`."""
+        state = {f"exp_avg{i}": m for i, m in enumerate(self.exp_avg)}
+        state.update({f"exp_avg_sq{i}": v for i, v in enumerate(self.exp_avg_sq)})
+        return state
 
-    def load_state_dict(self, state: dict) -> None:
-        self.step_count = int(state["step"])
-        self.lr = float(state["lr"])
-        self.exp_avg = list(state["exp_avg"])
-        self.exp_avg_sq = list(state["exp_avg_sq"])
+    def load_state_dict(self, state: dict[str, torch.Tensor], step: int, lr: float) -> None:
+        """Restore the moments of :meth:`state_dict`, the step count and the learning rate."""
+        device = self.bank.params[0].device
+        n = len(self.bank.params)
+        self.exp_avg = [state[f"exp_avg{i}"].to(device) for i in range(n)]
+        self.exp_avg_sq = [state[f"exp_avg_sq{i}"].to(device) for i in range(n)]
+        self.step_count = int(step)
+        self.lr = float(lr)

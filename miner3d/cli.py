@@ -1,4 +1,5 @@
-"""The ``miner3d`` command. Subcommands only parse arguments and call the API.
+"""The ``miner3d`` command: argument parsing and printing; the work is in :mod:`miner3d.api`
+and the stages it calls.
 
 Errors the user can cause end in one line on stderr and a non-zero exit status
 (:class:`miner3d.errors.MinerError`); a traceback means a bug in miner3d.
@@ -7,13 +8,14 @@ Errors the user can cause end in one line on stderr and a non-zero exit status
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import __version__
 from .errors import MinerError
+from .version import __version__
 
 
 def _size(text: str) -> int:
@@ -82,10 +84,11 @@ def _build_parser() -> argparse.ArgumentParser:
         "input",
         type=Path,
         nargs="?",
-        help="mesh, grid (.npz from voxelize) or image (default meshes/lucy.ply)",
+        help="mesh, grid (.npz from voxelize) or image (default: the bundled lucy.ply)",
     )
+    fit.add_argument("--kind", help="occupancy or image (default: by the input's extension)")
     fit.add_argument("--config", type=Path, help="a YAML config file (instead of a preset)")
-    fit.add_argument("--preset", help="cpu, lucy or image (default: by device and input)")
+    fit.add_argument("--preset", help="see `miner3d presets` (default: by kind and device)")
     fit.add_argument("-r", "--resolution", type=int, help="voxels along the longest axis")
     fit.add_argument("--scales", type=int, help="number of pyramid scales")
     fit.add_argument("--block", type=int, help="block edge in samples")
@@ -96,7 +99,9 @@ def _build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--iters", type=int, help="iteration cap per scale")
     fit.add_argument("--target", type=float, help="stop at this IoU (or PSNR) at the finest scale")
     fit.add_argument("--time-limit", type=float, help="stop after this many seconds")
+    fit.add_argument("--seed", type=int, help="seed of the initialisation and sample draws")
     fit.add_argument("--device", help="auto, cpu or cuda")
+    fit.add_argument("--threads", type=int, help="CPU threads torch uses (default: torch's)")
     fit.add_argument(
         "--set",
         action="append",
@@ -104,32 +109,36 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="FIELD=VALUE",
         help="override any config field, e.g. --set fit.prune_mse=1e-3 (repeatable)",
     )
+    fit.add_argument(
+        "--print-config", action="store_true", help="print the effective config and exit"
+    )
     fit.add_argument("-o", "--output", type=Path, help="run directory (default runs/NAME-TIME)")
     fit.add_argument("--force", action="store_true", help="overwrite an existing run directory")
     fit.add_argument("--resume", type=Path, metavar="RUN", help="continue an interrupted run")
-    fit.add_argument(
-        "--max-memory",
-        type=_size,
-        default=None,
-        help="memory budget, e.g. 8GB (default: what is available)",
-    )
+    fit.add_argument("--max-memory", type=_size, help="memory budget, e.g. 8GB (default: free)")
     fit.add_argument("-q", "--quiet", action="store_true", help="no progress, no summary")
     fit.set_defaults(func=_cmd_fit)
 
+    pre = sub.add_parser("presets", help="list the presets", description="The YAML presets.")
+    pre.set_defaults(func=_cmd_presets)
+
     ext = sub.add_parser(
         "extract",
-        help="a mesh from a fitted 3D model at any level of detail",
-        description="Marching cubes on the model; the format follows -o.",
+        help="a mesh (occupancy) or a picture (image) at any level of detail",
+        description="Marching cubes on an occupancy model, rendering of an image model; "
+        "the format follows -o.",
     )
     ext.add_argument("model", type=Path, help="model.safetensors")
     ext.add_argument(
-        "-o", "--output", type=Path, required=True, help="mesh file: .ply .obj .stl .glb .off"
+        "-o", "--output", type=Path, required=True, help="mesh (.ply .obj .stl .glb .off) or image"
     )
-    ext.add_argument("--scale", type=int, default=0, help="level of detail (0: finest)")
+    ext.add_argument(
+        "--lod", "--scale", dest="lod", type=int, default=0, help="level of detail (0: finest)"
+    )
     ext.add_argument(
         "-r",
         "--resolution",
-        help="3D: samples along the longest axis; images: WxH (default: the scale's own grid)",
+        help="3D: samples along the longest axis; images: WxH (default: the level's own grid)",
     )
     ext.add_argument("--level", type=float, default=0.5, help="iso level (default 0.5)")
     ext.add_argument("--force", action="store_true", help="overwrite an existing file")
@@ -141,19 +150,12 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Metrics per level of detail; prints a table, writes JSON.",
     )
     ev.add_argument("model", type=Path, help="model.safetensors (in its run directory)")
-    ev.add_argument(
-        "--mesh",
-        type=Path,
-        help="source mesh for point IoU / Chamfer / F-score (default: the model's)",
-    )
-    ev.add_argument(
-        "--grid",
-        type=Path,
-        help="voxel grid for full-grid IoU (default: grid.npz beside the model)",
-    )
+    ev.add_argument("--mesh", type=Path, help="source mesh (default: the model's)")
+    ev.add_argument("--grid", type=Path, help="voxel grid (default: grid.npz beside the model)")
     ev.add_argument("--points", type=int, default=1_000_000, help="random points for point IoU")
     ev.add_argument("--surface", type=int, default=100_000, help="surface samples per mesh")
     ev.add_argument("-o", "--output", type=Path, help="JSON (default: eval.json beside the model)")
+    ev.add_argument("--force", action="store_true", help="overwrite an existing JSON")
     ev.set_defaults(func=_cmd_eval)
 
     view = sub.add_parser(
@@ -163,54 +165,51 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     view.add_argument("model", type=Path, help="model.safetensors")
     view.add_argument("--screenshot", type=Path, help="write a PNG instead of opening a window")
-    view.add_argument(
-        "--plot", type=Path, help="also plot quality against time from metrics.csv beside the model"
-    )
+    view.add_argument("--plot", type=Path, help="also plot quality against time (metrics.csv)")
+    view.add_argument("--force", action="store_true", help="overwrite existing pictures")
     view.set_defaults(func=_cmd_view)
     return parser
 
 
+def _refuse_existing(path: Path | None, force: bool) -> None:
+    if path is not None and path.exists() and not force:
+        raise MinerError(f"{path} exists; pass --force to overwrite it")
+
+
 def _cmd_extract(args: argparse.Namespace) -> int:
-    from .extract import marching_cubes, save_mesh
+    from .extract import IMAGE_OUTPUTS, MESH_OUTPUTS, marching_cubes, save_image, save_mesh
     from .model import MinerModel
 
-    if args.output.exists() and not args.force:
-        raise MinerError(f"{args.output} exists; pass --force to overwrite it")
+    _refuse_existing(args.output, args.force)
     model = MinerModel.load(args.model)
-    if not 0 <= args.scale < model.layout.n_scales:
-        raise MinerError(f"--scale must be in [0, {model.layout.n_scales - 1}]")
-    if model.layout.ndim == 2:
-        return _extract_image(model, args)
+    if not 0 <= args.lod < model.layout.n_scales:
+        raise MinerError(f"--lod (--scale) must be in [0, {model.layout.n_scales - 1}]")
+    suffix = args.output.suffix.lower()
+    wanted = MESH_OUTPUTS if model.kind == "occupancy" else IMAGE_OUTPUTS
+    if suffix not in wanted:
+        got = suffix or str(args.output)
+        raise MinerError(f"an {model.kind} model is extracted to {', '.join(wanted)}; got '{got}'")
+    if model.kind == "image":
+        height, width = model.layout.valid_shape(args.lod)
+        if args.resolution is not None:
+            w, sep, h = str(args.resolution).lower().partition("x")
+            if not sep or not w.isdigit() or not h.isdigit() or int(w) < 1 or int(h) < 1:
+                raise MinerError(f"--resolution takes WxH for images, got {args.resolution!r}")
+            width, height = int(w), int(h)
+        own = (height, width) == tuple(model.layout.valid_shape(args.lod))
+        save_image(model, args.output, args.lod, None if own else (height, width))
+        print(
+            f"{args.output}: {width}x{height} ({model.meta.get('dtype', 'uint8')}, lod {args.lod})"
+        )
+        return 0
     resolution = None
     if args.resolution is not None:
-        try:
-            resolution = int(args.resolution)
-        except ValueError:
-            raise MinerError(
-                f"--resolution takes a number for 3D models, got {args.resolution!r}"
-            ) from None
-    vertices, faces = marching_cubes(model, args.scale, args.level, resolution=resolution)
+        if not str(args.resolution).isdigit():
+            raise MinerError(f"--resolution takes a number for 3D models, got {args.resolution!r}")
+        resolution = int(args.resolution)
+    vertices, faces = marching_cubes(model, args.lod, args.level, resolution=resolution)
     save_mesh(vertices, faces, args.output)
-    print(
-        f"{args.output}: {len(vertices):,} vertices, {len(faces):,} triangles (scale {args.scale})"
-    )
-    return 0
-
-
-def _extract_image(model, args: argparse.Namespace) -> int:
-    """Render a 2D model at any size (super-resolution by querying the continuous model)."""
-    from .runs import save_image
-
-    height, width = model.layout.shape
-    if args.resolution is not None:
-        w, sep, h = str(args.resolution).lower().partition("x")
-        if not sep or not w.isdigit() or not h.isdigit() or int(w) < 1 or int(h) < 1:
-            raise MinerError(f"--resolution takes WxH for images, got {args.resolution!r}")
-        width, height = int(w), int(h)
-    own = (height, width) == tuple(model.layout.valid_shape(args.scale))
-    save_image(model, args.output, args.scale, None if own else (height, width))
-    dtype = model.meta.get("dtype", "uint8")
-    print(f"{args.output}: {width}x{height} ({dtype}, scale {args.scale})")
+    print(f"{args.output}: {len(vertices):,} vertices, {len(faces):,} triangles (lod {args.lod})")
     return 0
 
 
@@ -218,11 +217,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate, format_table
     from .grid import OccupancyGrid
     from .model import MinerModel
-    from .runs import write_json
+    from .rundir import write_json
 
+    output = args.output or args.model.parent / "eval.json"
+    _refuse_existing(output, args.force)
     model = MinerModel.load(args.model)
-    if model.layout.ndim != 3:
-        raise MinerError("eval measures 3D models; image runs report PSNR in summary.json")
+    if model.kind != "occupancy":
+        raise MinerError("eval measures occupancy models; image runs report PSNR in summary.json")
     grid_path = args.grid or args.model.parent / "grid.npz"
     occupancy = OccupancyGrid.load(grid_path).occupancy if grid_path.exists() else None
     mesh = args.mesh
@@ -233,18 +234,30 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     results = evaluate(model, occupancy, mesh, args.points, args.surface)
     for line in format_table(results):
         print(line)
-    output = args.output or args.model.parent / "eval.json"
     write_json(output, results)
     print(f"written {output}")
     return 0
+
+
+def _has_display() -> bool:
+    return sys.platform in ("win32", "darwin") or bool(
+        os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
+    )
 
 
 def _cmd_view(args: argparse.Namespace) -> int:
     from .model import MinerModel
     from .viz import plot_history, render_image_levels, render_levels
 
+    _refuse_existing(args.screenshot, args.force)
+    _refuse_existing(args.plot, args.force)
     model = MinerModel.load(args.model)
-    if model.layout.ndim == 2:
+    if args.screenshot is None and not _has_display():
+        raise MinerError("no display to open a window on; pass --screenshot out.png")
+    metrics = args.model.parent / "metrics.csv"
+    if args.plot is not None and not metrics.exists():
+        raise MinerError(f"no metrics.csv beside {args.model}")
+    if model.kind == "image":
         if args.screenshot is None:
             raise MinerError("image models are drawn to a file: pass --screenshot out.png")
         render_image_levels(model, args.screenshot)
@@ -253,11 +266,17 @@ def _cmd_view(args: argparse.Namespace) -> int:
     if args.screenshot is not None:
         print(f"written {args.screenshot}")
     if args.plot is not None:
-        metrics = args.model.parent / "metrics.csv"
-        if not metrics.exists():
-            raise MinerError(f"no metrics.csv beside {args.model}")
         plot_history(metrics, args.plot)
         print(f"written {args.plot}")
+    return 0
+
+
+def _cmd_presets(args: argparse.Namespace) -> int:
+    from .config import PRESETS, build_config, describe, preset_path
+
+    for name in PRESETS:
+        print(f"{name:6} {describe(build_config(name))}")
+        print(f"{'':6} {preset_path(name)}")
     return 0
 
 
@@ -272,13 +291,16 @@ _FIT_FLAGS = {
     "iters": "fit.max_iters",
     "target": "fit.target",
     "time_limit": "fit.time_limit",
+    "seed": "fit.seed",
     "device": "device",
 }
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:
-    from .config import parse_assignments
-    from .runs import describe_summary, run_fit
+    from . import api
+    from .config import parse_assignments, to_yaml
+    from .console import FitProgress, describe_summary
+    from .rundir import default_run_dir
 
     overrides = {
         field: getattr(args, flag)
@@ -286,107 +308,67 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         if getattr(args, flag) is not None
     }
     overrides.update(parse_assignments(args.set))
-    if args.resume is not None and (args.input or overrides or args.config or args.preset):
+    if args.resume is not None and (
+        args.input or overrides or args.config or args.preset or args.kind or args.print_config
+    ):
         raise MinerError(
             "--resume continues a run with its own input and config; give nothing else"
         )
     if args.config is not None and args.preset is not None:
         raise MinerError("give --config or --preset, not both")
-    progress = None if args.quiet else _FitProgress()
+    if args.threads is not None:
+        if args.threads < 1:
+            raise MinerError(f"--threads must be at least 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.print_config:
+        config = api.effective_config(args.input, args.kind, args.preset, args.config, overrides)
+        print(to_yaml(config), end="")
+        return 0
+    progress = None if args.quiet else FitProgress()
+    banner = None if args.quiet else (lambda text: print(text, flush=True))
     try:
-        summary = run_fit(
-            args.input,
-            preset=args.preset,
-            config_file=args.config,
-            overrides=overrides,
-            output=args.output,
-            force=args.force,
-            resume=args.resume,
-            max_memory=args.max_memory,
-            progress=progress,
-            banner=None if args.quiet else (lambda text: print(text, flush=True)),
-        )
+        if args.resume is not None:
+            result = api.resume(
+                args.resume, max_memory=args.max_memory, progress=progress, banner=banner
+            )
+        else:
+            stem = args.input.stem if args.input is not None else "lucy"
+            result = api.fit(
+                args.input,
+                kind=args.kind,
+                preset=args.preset,
+                config=args.config,
+                output=args.output or default_run_dir(stem),
+                force=args.force,
+                max_memory=args.max_memory,
+                progress=progress,
+                banner=banner,
+                **overrides,
+            )
     finally:
         if progress is not None:
             progress.close()
     if not args.quiet:
-        for line in describe_summary(summary):
+        for line in describe_summary(result.summary):
             print(line)
-        print(f"outputs in {summary['run_dir']}")
+        print(f"outputs in {result.run_dir}")
     return 0
 
 
-class _FitProgress:
-    """A rich progress bar per scale: iterations with ETA, live blocks, loss and quality."""
-
-    def __init__(self):
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self.progress = Progress(
-            TextColumn("scale {task.fields[scale]}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[status]}"),
-            transient=False,
-        )
-        self.tasks: dict[int, int] = {}
-        self.started = False
-
-    def __call__(self, record: dict) -> None:
-        if not self.started:
-            self.progress.start()
-            self.started = True
-        scale = record.get("scale")
-        event = record.get("event")
-        if event == "scale_start" or (event == "resumed" and scale not in self.tasks):
-            total = record.get("max_iters")  # None for a resumed scale
-            self.tasks[scale] = self.progress.add_task("", total=total, scale=scale, status="")
-        task = self.tasks.get(scale)
-        if task is None:
-            return
-        if event == "iteration":
-            status = (
-                f"loss {record['loss']:.2e} | live {record['live_blocks']}/"
-                f"{record['mlp_blocks']} blocks"
-            )
-            if "iou" in record:
-                status += f" IoU {record['iou']:.5f}"
-            if "psnr" in record:
-                status += f" {record['psnr']:.2f} dB"
-            self.progress.update(task, completed=record["iteration"], status=status)
-        elif event == "scale_end":
-            quality = f"IoU {record['iou']:.5f}" if "iou" in record else f"{record['psnr']:.2f} dB"
-            done = self.progress.tasks[task].completed or 1
-            blocks = f"{record['mlp_blocks']}/{record['blocks']} MLPs"
-            self.progress.update(task, total=done, completed=done, status=f"{blocks} {quality}")
-
-    def close(self) -> None:
-        if self.started:
-            self.progress.stop()
-
-
 def _cmd_voxelize(args: argparse.Namespace) -> int:
+    from . import api
+    from .console import describe_voxelize
     from .grid import check_resolution
-    from .memory import format_size, peak_rss
-    from .voxelize import voxelize_file
 
     check_resolution(args.resolution)
     output = args.output or Path(f"{args.mesh.stem}-{args.resolution}.npz")
     if output.suffix != ".npz":
         raise MinerError(f"the output must end in .npz, got {output}")
-    if output.exists() and not args.force:
-        raise MinerError(f"{output} exists; pass --force to overwrite it")
+    _refuse_existing(output, args.force)
     start = time.perf_counter()
-    grid = voxelize_file(
+    grid = api.voxelize(
         args.mesh,
         args.resolution,
         method=args.method,
@@ -396,27 +378,10 @@ def _cmd_voxelize(args: argparse.Namespace) -> int:
     )
     grid.save(output)
     if not args.quiet:
-        shape = "x".join(map(str, grid.shape))
-        print(
-            f"{args.mesh} -> {output}: {shape} voxels, {100 * grid.filled_fraction:.2f}% inside, "
-            f"voxel {grid.transform.voxel_size:.6g} units, method {grid.meta['method']} "
-            f"({grid.meta['seconds']:.2f} s), total {time.perf_counter() - start:.2f} s, "
-            f"peak RSS {format_size(peak_rss())}"
-        )
-        open_columns = sum(grid.meta.get("odd_columns", {}).values())
-        if open_columns and grid.meta["method"] == "parity":
-            print(
-                f"warning: {open_columns} columns crossed the surface an odd number of times "
-                "(the mesh has holes) and were left empty; try --method robust",
-                file=sys.stderr,
-            )
-        elif open_columns:
-            print(
-                f"note: the mesh is not closed ({open_columns} open columns); "
-                f"{grid.meta.get('ambiguous_voxels', 0)} voxels were decided by the winding "
-                "number",
-                file=sys.stderr,
-            )
+        out, err = describe_voxelize(args.mesh, output, grid, time.perf_counter() - start)
+        print(out)
+        if err:
+            print(err, file=sys.stderr)
     return 0
 
 

@@ -1,9 +1,10 @@
-"""Run configuration: YAML presets in ``configs/``, command-line overrides, validation.
+"""Run configuration: YAML presets, command-line overrides, validation.
 
-A run's config is a :class:`RunConfig` (how to read the input) holding a
-:class:`~miner3d.train.FitConfig` (how to fit). Presets are YAML files with the same
-structure; every field can be overridden as ``dotted.name=value``. Every error names the
-field. The effective config is written into the run directory.
+A run's config is a :class:`RunConfig` (how to read the input) holding a :class:`FitConfig`
+(how to fit). Presets are YAML files with the same structure, in the repository's
+``configs/`` (the source) and shipped inside the installed package; every field can be
+overridden as ``dotted.name=value``. Every error names the field. The effective config is
+written into the run directory.
 """
 
 from __future__ import annotations
@@ -14,10 +15,107 @@ from pathlib import Path
 from typing import Any
 
 from .errors import MinerError
-from .train import FitConfig
+from .resources import configs_dir
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 PRESETS = ("cpu", "lucy", "image")
+
+
+@dataclass
+class FitConfig:
+    """Everything that shapes a fit. Defaults: the paper's 3D setting."""
+
+    n_scales: int = 4
+    """J, the number of pyramid scales (1 = no pyramid)."""
+    block: int = 16
+    """Block edge in samples, the same at every scale."""
+    hidden: int = 22
+    """Features of each hidden layer."""
+    hidden_layers: int = 2
+    """Number of hidden (sine) layers."""
+    w0: float = 30.0
+    """SIREN frequency factor."""
+    lr: float = 1e-3
+    """Adam learning rate at the start of each scale."""
+    lr_decay: float = 0.999
+    """Learning rate multiplier per iteration (exponential decay, reset at each scale)."""
+    max_iters: int = 2000
+    """Iteration cap per scale."""
+    prune_mse: float = 5e-4
+    """Prune before a scale: blocks whose mean squared residual is at most this get no MLP."""
+    freeze_mse: float = 1e-4
+    """Prune during a scale: a block whose MSE reaches this is frozen."""
+    freeze_every: int = 10
+    """Iterations between freezing checks (each one compacts the optimiser state)."""
+    plateau_window: int = 200
+    """Iterations over which the loss must improve by ``plateau_tol`` (relative)."""
+    plateau_tol: float = 0.01
+    """Relative improvement of the loss per window below which the scale ends (0: never)."""
+    weight_sharing: bool = False
+    """A child block starts from its parent's weights / sqrt(2^d) (when the parent has an MLP)."""
+    pyramid: str = "laplacian"
+    """``laplacian`` (fit residuals) or ``gaussian`` (fit each scale's signal, the ablation)."""
+    points_per_block: int = 0
+    """Samples per block per iteration, drawn at random (0: all ``b^d``)."""
+    iteration_samples: int = 0
+    """If > 0, overrides ``points_per_block`` at each scale's start: this many samples per
+    iteration shared by the scale's live blocks, at least 64 per block (at most ``b^d``).
+    Small signals then see every sample, large ones a subset, at a bounded iteration cost."""
+    metric_every: int = 50
+    """Iterations between quality measurements at the finest scale (0: at scale ends only)."""
+    batch_blocks: int = 0
+    """Blocks per batch in streamed passes (targets, metrics); 0: as many as hold 2^20
+    samples (the transient memory of a pass is a few tens of bytes per sample of a batch)."""
+    cache_targets: int = 256 << 20
+    """Bytes under which a scale's targets are cached (float16) rather than recomputed at
+    every iteration's samples (the whole scale's blocks counted, pruned or not)."""
+    batch_samples: int = 1 << 19
+    """Samples (blocks x points) per forward/backward chunk of an iteration; bounds the
+    activation memory (about ``(3 * hidden_layers + 2) * hidden * 4`` bytes per sample) and
+    leaves the result unchanged (every block's gradient is its own)."""
+    seed: int = 0
+    """Seed of the MLP initialisation and of the sample draws."""
+    time_limit: float = 0.0
+    """Wall-clock cap of the whole fit in seconds (0: none); the scale in progress is kept."""
+    target: float = 0.0
+    """Stop once the finest scale's measured quality reaches this (IoU, or PSNR in dB; 0: off)."""
+
+    def validate(self) -> None:
+        """Raise :class:`MinerError` naming the first bad field."""
+        checks = {
+            "n_scales": self.n_scales >= 1,
+            "block": self.block >= 2 and self.block & (self.block - 1) == 0,
+            "hidden": self.hidden >= 1,
+            "hidden_layers": self.hidden_layers >= 1,
+            "w0": self.w0 > 0,
+            "lr": self.lr > 0,
+            "lr_decay": 0 < self.lr_decay <= 1,
+            "max_iters": self.max_iters >= 0,
+            "prune_mse": self.prune_mse >= 0,
+            "freeze_mse": self.freeze_mse >= 0,
+            "freeze_every": self.freeze_every >= 1,
+            "plateau_window": self.plateau_window >= 1,
+            "plateau_tol": self.plateau_tol >= 0,
+            "pyramid": self.pyramid in ("laplacian", "gaussian"),
+            "points_per_block": self.points_per_block >= 0,
+            "iteration_samples": self.iteration_samples >= 0,
+            "metric_every": self.metric_every >= 0,
+            "batch_blocks": self.batch_blocks >= 0,
+            "batch_samples": self.batch_samples >= 1,
+            "cache_targets": self.cache_targets >= 0,
+            "time_limit": self.time_limit >= 0,
+            "target": self.target >= 0,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise MinerError(f"invalid config value {name}={getattr(self, name)!r}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> FitConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise MinerError(f"unknown config field '{unknown[0]}'")
+        return cls(**values)
 
 
 @dataclass
@@ -45,7 +143,7 @@ class RunConfig:
 
     def validate(self) -> None:
         from .grid import check_resolution
-        from .voxelize import VOXELIZERS
+        from .voxelizer import VOXELIZERS
 
         try:
             check_resolution(self.resolution)
@@ -127,7 +225,9 @@ def load_yaml(path: Path) -> dict[str, Any]:
 
 
 def preset_path(name: str) -> Path:
-    return CONFIG_DIR / f"{name}.yaml"
+    """The YAML file of preset ``name`` (inside the installed package, or the repository's
+    ``configs/`` in a source checkout)."""
+    return configs_dir() / f"{name}.yaml"
 
 
 def build_config(
@@ -161,6 +261,46 @@ def build_config(
         _apply(config, nested)
     config.validate()
     return config
+
+
+def default_preset(kind: str, cuda: bool) -> str:
+    """The preset a fit starts from when none is named: ``image`` for images, ``lucy`` (the
+    paper's 1024^3 setting) for occupancy on a GPU, ``cpu`` otherwise."""
+    if kind == "image":
+        return "image"
+    return "lucy" if cuda else "cpu"
+
+
+def describe(config: RunConfig) -> str:
+    """One line of what a config does, e.g. for ``miner3d presets``."""
+    f = config.fit
+    sampling = (
+        f"{f.iteration_samples} samples/iteration"
+        if f.iteration_samples
+        else (f"{f.points_per_block} samples/block" if f.points_per_block else "every sample")
+    )
+    return (
+        f"{f.n_scales} scales of {f.block}-sample blocks, {f.hidden_layers} x {f.hidden} sine "
+        f"features, lr {f.lr:g}, <= {f.max_iters} iterations/scale, {sampling}; "
+        f"meshes at {config.resolution} voxels"
+    )
+
+
+def override_key(key: str) -> str:
+    """The dotted config field of an override: ``resolution`` and ``fit.lr`` as they are, a
+    bare :class:`FitConfig` field (``lr``) as ``fit.lr``."""
+    if "." in key or key in {f.name for f in fields(RunConfig)}:
+        return key
+    if key in {f.name for f in fields(FitConfig)}:
+        return f"fit.{key}"
+    raise MinerError(f"unknown config field '{key}'")
+
+
+def to_yaml(config: RunConfig) -> str:
+    """The YAML of ``config``, as ``config.yaml`` holds it."""
+    import yaml
+
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)
 
 
 def parse_assignments(items: list[str]) -> dict[str, str]:

@@ -18,3 +18,9 @@ class OutOfMemoryError(MinerError):
     """The requested job would not fit in the memory available (checked before allocating)."""
 
     exit_code = 3
+
+
+class FitInterrupted(MinerError):
+    """The fit was asked to stop (SIGINT); a checkpoint was written first."""
+
+    exit_code = 130

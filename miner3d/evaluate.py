@@ -19,9 +19,11 @@ from typing import Any
 import numpy as np
 
 from .errors import MinerError
-from .metrics import MetricSums, chamfer_fscore, full_resolution_sums
+from .metrics import MetricSums, chamfer_fscore
 from .model import MinerModel
 from .source import SignalSource
+
+SSIM_MAX_SAMPLES = 1 << 24
 
 
 def grid_iou(model: MinerModel, occupancy: np.ndarray, from_scale: int) -> MetricSums:
@@ -30,7 +32,26 @@ def grid_iou(model: MinerModel, occupancy: np.ndarray, from_scale: int) -> Metri
     if tuple(occupancy.shape) != layout.shape:
         raise MinerError(f"grid shape {occupancy.shape} is not the model's {layout.shape}")
     source = SignalSource(occupancy[None], layout, "zero", device=model.device)
-    return full_resolution_sums(model, source, from_scale)
+    return model.measure(source, from_scale, iou=True)
+
+
+def image_ssim(model: MinerModel, image: np.ndarray, value_scale: float) -> float | None:
+    """SSIM (``skimage.metrics.structural_similarity``, data range 1) of the finest
+    reconstruction against ``image`` ``(C, H, W)`` (raw samples times ``value_scale`` in
+    ``[0, 1]``); ``None`` for images of more than :data:`SSIM_MAX_SAMPLES` samples (skimage
+    works on float64 copies, about 40 bytes per sample) or smaller than its 7 x 7 window."""
+    from skimage.metrics import structural_similarity
+
+    from .extract import render_image
+
+    image = np.moveaxis(np.asarray(image), 0, -1)  # (H, W, C)
+    if image.size > SSIM_MAX_SAMPLES or min(image.shape[:2]) < 7:
+        return None
+    recon = render_image(model, 0, dtype=np.uint16).astype(np.float32) / 65535
+    truth = image.astype(np.float32) * value_scale
+    if image.shape[-1] == 1:
+        return float(structural_similarity(recon, truth[..., 0], data_range=1.0))
+    return float(structural_similarity(recon, truth, data_range=1.0, channel_axis=-1))
 
 
 def evaluate(
@@ -52,7 +73,7 @@ def evaluate(
         import trimesh
 
         from .io import load_mesh
-        from .voxelize import voxelize
+        from .voxelizer import voxelize
 
         source = load_mesh(mesh_path)
         lo, hi = source.bounds

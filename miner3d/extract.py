@@ -1,4 +1,6 @@
-"""Meshes from a fitted model: marching cubes (scikit-image) slab by slab, seams welded.
+"""Levels of detail out of a fitted model: meshes (occupancy) and pictures (images).
+
+Meshes: marching cubes (scikit-image) slab by slab, seams welded.
 
 The reconstruction is produced a slab of planes at a time along axis 0 (neighbouring slabs
 share one plane), marching cubes runs on each slab that crosses the level, and the vertices on
@@ -25,6 +27,7 @@ from .grid import GridTransform
 from .model import MinerModel
 
 MESH_OUTPUTS = (".ply", ".obj", ".stl", ".glb", ".off")
+IMAGE_OUTPUTS = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
 
 
 def _march_slabs(
@@ -158,4 +161,81 @@ def save_mesh(vertices: np.ndarray, faces: np.ndarray, path: str | Path) -> Path
     mesh = trimesh.Trimesh(vertices, faces, process=False)
     with atomic_write(path) as tmp:
         mesh.export(tmp, file_type=ext[1:])
+    return path
+
+
+def render_image(
+    model,
+    scale: int = 0,
+    size: tuple[int, int] | None = None,
+    dtype: np.dtype | type = np.uint8,
+    band: int = 1 << 20,
+) -> np.ndarray:
+    """A 2D model's level of detail ``scale`` as an integer image.
+
+    Args:
+        model: a 2D :class:`~miner3d.model.MinerModel`.
+        scale: level of detail (0: finest).
+        size: ``(H, W)`` to render at by querying the continuous model (super- or
+            sub-sampling); ``None``: scale ``scale``'s own grid, decoded block batch by batch.
+        dtype: ``np.uint8`` or ``np.uint16`` (values clipped to ``[0, 1]`` and rounded), or
+            ``np.float32`` (clipped to ``[0, 1]``).
+        band: samples evaluated per step.
+
+    Returns:
+        ``(H, W, C)``, or ``(H, W)`` for one channel. Memory: the output in ``dtype`` plus one
+        step of float32 (no float copy of the whole image).
+    """
+    layout, channels = model.layout, model.channels
+    floating = np.issubdtype(dtype, np.floating)
+    top = 1.0 if floating else np.iinfo(dtype).max
+
+    def quantize(values) -> np.ndarray:
+        values = values.clamp(0, 1).cpu().numpy()
+        return values.astype(dtype) if floating else np.rint(values * top).astype(dtype)
+
+    if size is None:
+        height, width = layout.valid_shape(scale)
+        out = np.empty((height, width, channels), dtype=dtype)
+        b = layout.block
+        batch = max(1, band // (channels * b * b))
+        for ids, values in model.iter_blocks(scale, batch=batch):
+            block = quantize(values).transpose(0, 2, 3, 1)  # (n, b, b, C)
+            for (r, c), tile in zip(layout.unravel(scale, ids).tolist(), block, strict=True):
+                rows, cols = min(b, height - r * b), min(b, width - c * b)
+                if rows > 0 and cols > 0:
+                    out[r * b : r * b + rows, c * b : c * b + cols] = tile[:rows, :cols]
+    else:
+        height, width = size
+        out = np.empty((height, width, channels), dtype=dtype)
+        cols = (np.arange(width) + 0.5) * layout.shape[1] / width
+        step = max(1, band // width)
+        for r0 in range(0, height, step):
+            rows = (np.arange(r0, min(r0 + step, height)) + 0.5) * layout.shape[0] / height
+            grid = np.stack(np.meshgrid(rows, cols, indexing="ij"), axis=-1).reshape(-1, 2)
+            values = model.query(grid, grid_coords=True, from_scale=scale)  # (P, C)
+            out[r0 : r0 + len(rows)] = quantize(values).reshape(len(rows), width, channels)
+    return out[..., 0] if channels == 1 else out
+
+
+def save_image(model, path: Path, scale: int = 0, size: tuple[int, int] | None = None) -> Path:
+    """Write :func:`render_image` as an 8- or 16-bit picture (16-bit if the fitted image was)
+    atomically; the format follows the extension (:data:`IMAGE_OUTPUTS`)."""
+    import imageio.v3 as iio
+
+    from .io import atomic_write
+
+    path = Path(path)
+    if path.suffix.lower() not in IMAGE_OUTPUTS:
+        choose = ", ".join(IMAGE_OUTPUTS)
+        raise MinerError(
+            f"unsupported image output '{path.suffix or path.name}' (choose from {choose})"
+        )
+
+    dtype = np.uint16 if model.meta.get("dtype") == "uint16" else np.uint8
+    if path.suffix.lower() in (".jpg", ".jpeg"):
+        dtype = np.uint8  # JPEG is 8-bit
+    array = render_image(model, scale, size, dtype)
+    with atomic_write(path) as tmp:
+        iio.imwrite(tmp, array, extension=path.suffix.lower())
     return path

@@ -1,7 +1,8 @@
-"""Reading meshes and writing files safely.
+"""Reading meshes and images, and writing files safely.
 
 Meshes are read with trimesh (PLY, OBJ, STL, OFF, GLB/GLTF; scenes are flattened into one
-mesh in world coordinates). Every output file is written atomically: to a temporary file in
+mesh in world coordinates); images with scikit-image, uncompressed TIFFs memory-mapped with
+tifffile. Every output file is written atomically: to a temporary file in
 the destination folder, then renamed, so an interrupted or failed write never leaves a
 partial file or destroys what was there before.
 """
@@ -20,6 +21,7 @@ import numpy as np
 from .errors import MinerError
 
 MESH_EXTENSIONS = (".ply", ".obj", ".stl", ".off", ".glb", ".gltf")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 
 
 @contextlib.contextmanager
@@ -108,6 +110,15 @@ def write_safetensors(path: str | Path, tensors: dict, key: str, header: dict) -
     return path
 
 
+def safetensors_bytes(tensors: dict, key: str, header: dict) -> bytes:
+    """What :func:`write_safetensors` would write, in memory."""
+    import json
+
+    from safetensors.torch import save
+
+    return save(tensors, metadata={key: json.dumps(header)})
+
+
 def read_safetensors(path: str | Path, key: str, what: str) -> tuple[dict, dict]:
     """``(header, tensors)`` of a file written by :func:`write_safetensors`; a clear
     :class:`MinerError` naming ``what`` when it is missing or not such a file."""
@@ -125,3 +136,55 @@ def read_safetensors(path: str | Path, key: str, what: str) -> tuple[dict, dict]
     except Exception as exc:  # any parse failure is the file's fault
         raise MinerError(f"could not read {what} {path}: {exc}") from None
     return header, tensors
+
+
+def map_tiff(path: Path) -> np.ndarray | None:
+    """An uncompressed, contiguous single-image TIFF as a read-only memory map ``(C, H, W)``
+    (a view: nothing is read until the fit asks for blocks), or ``None`` when the file cannot
+    be mapped (compressed, tiled, several pages, not a TIFF): it is then decoded instead."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            axes = tif.series[0].axes
+        mapped = tifffile.memmap(path, mode="r")
+    except Exception:  # not mappable: the decoder reports what is wrong, if anything
+        return None
+    if axes == "YX":
+        return mapped[None]
+    if axes == "YXS":
+        return np.moveaxis(mapped, -1, 0)
+    if axes == "SYX":
+        return mapped
+    return None
+
+
+def read_image(path: str | Path) -> tuple[np.ndarray, bool]:
+    """An image file as ``(C, H, W)`` in its own dtype, and whether it is memory-mapped.
+
+    Uncompressed TIFFs are memory-mapped (:func:`map_tiff`, no memory); anything else is
+    decoded (``H * W * C`` samples in the file's dtype). Raises :class:`MinerError` for a
+    missing or undecodable file, or one that is not ``(H, W)`` / ``(H, W, C)``.
+    """
+    from skimage import io as skio
+
+    path = Path(path)
+    if not path.is_file():
+        raise MinerError(f"image file not found: {path}")
+    image = map_tiff(path) if path.suffix.lower() in (".tif", ".tiff") else None
+    mapped = image is not None
+    if image is None:
+        try:
+            image = np.asarray(skio.imread(path))
+        except Exception as exc:  # any decoder failure is the file's fault
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise MinerError(f"could not read image {path}: {reason}") from None
+        if image.ndim == 2:
+            image = image[None]
+        elif image.ndim == 3:
+            image = np.ascontiguousarray(np.moveaxis(image, -1, 0))
+        else:
+            raise MinerError(f"image {path} has shape {image.shape}; expected (H, W) or (H, W, C)")
+    if not (image.dtype in (np.uint8, np.uint16) or np.issubdtype(image.dtype, np.floating)):
+        raise MinerError(f"image {path} has unsupported sample type {image.dtype}")
+    return image, mapped

@@ -52,7 +52,7 @@ def block_sums(
     values: torch.Tensor,
     truth: torch.Tensor,
     mask: torch.Tensor | None = None,
-    occupancy: bool = True,
+    iou: bool = True,
 ) -> MetricSums:
     """Metric sums of predicted ``values`` against ``truth``.
 
@@ -60,7 +60,7 @@ def block_sums(
         values: ``(n, C, *block)`` float predictions.
         truth: ``(n, C, *block)`` targets (binary for occupancy).
         mask: optional ``(n, *block)`` bool, the samples to count (unpadded region).
-        occupancy: also count IoU (thresholds :data:`IOU_THRESHOLDS`).
+        iou: also count IoU (binary signals; thresholds :data:`IOU_THRESHOLDS`).
     """
     truth = truth.to(values.dtype)
     err2 = (values - truth).square()
@@ -71,7 +71,7 @@ def block_sums(
         err2 = err2 * keep
         count = int(torch.count_nonzero(mask)) * values.shape[1]
     sums = MetricSums(sse=float(err2.sum(dtype=torch.float64)), count=count)
-    if occupancy:
+    if iou:
         gt = truth >= 0.5
         if keep is not None:
             gt &= keep
@@ -81,25 +81,6 @@ def block_sums(
                 pred &= keep
             sums.inter[i] = int(torch.count_nonzero(pred & gt))
             sums.union[i] = int(torch.count_nonzero(pred | gt))
-    return sums
-
-
-def full_resolution_sums(
-    model, source, from_scale: int, occupancy: bool = True, batch: int = 512
-) -> MetricSums:
-    """Metric sums of a model's level of detail ``from_scale`` against the full-resolution
-    signal, streamed block batch by block batch (no dense float copy of either).
-
-    Args:
-        model: a :class:`miner3d.model.MinerModel`.
-        source: the signal, a :class:`miner3d.source.SignalSource` on the model's layout.
-    """
-    layout = model.layout
-    sums = MetricSums()
-    for ids, values in model.iter_blocks(0, from_scale, batch):
-        truth = source.level_blocks(0, layout.unravel(0, ids))
-        values = values.to(truth.device)
-        sums = sums.add(block_sums(values, truth, layout.valid_mask(0, ids), occupancy))
     return sums
 
 

@@ -36,9 +36,16 @@ from .bank import BankShape, MLPBank
 from .blocks import BlockLayout, local_coordinates, scatter_blocks
 from .errors import MinerError
 from .grid import GridTransform
+from .metrics import MetricSums, block_sums
 from .pyramid import interpolate_at, interpolate_blocks
 
 MODEL_FORMAT_VERSION = 1
+
+
+def scale_prefix(j: int) -> str:
+    """The key prefix of scale ``j``'s tensors in model files: ``scale<j>.`` + ``block_ids``
+    and the bank's keys (``param<i>``)."""
+    return f"scale{j}."
 
 
 @dataclass
@@ -102,9 +109,40 @@ class MinerModel:
             if k <= j:
                 del self._dense[k]
 
+    def scale_state_dict(self, j: int) -> dict[str, torch.Tensor]:
+        """Scale ``j``'s tensors under :func:`scale_prefix` (empty if it has no bank)."""
+        scale = self.scales[j]
+        if scale is None:
+            return {}
+        state = {"block_ids": scale.block_ids, **scale.bank.state_dict()}
+        return {scale_prefix(j) + k: v for k, v in state.items()}
+
+    def load_scale_state_dict(self, j: int, tensors: dict[str, torch.Tensor]) -> bool:
+        """Install scale ``j`` from tensors named as by :meth:`scale_state_dict`; ``False``
+        if they hold no such scale."""
+        prefix = scale_prefix(j)
+        if prefix + "block_ids" not in tensors:
+            return False
+        state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        bank = MLPBank.from_state_dict(self.bank_shape, state, self.device)
+        self.set_scale(j, state["block_ids"], bank)
+        return True
+
+    @property
+    def kind(self) -> str:
+        """The kind of signal: ``occupancy`` or ``image`` (see :mod:`miner3d.kinds`)."""
+        if "signal_kind" in self.meta:
+            return str(self.meta["signal_kind"])
+        return "occupancy" if self.meta.get("occupancy", self.layout.ndim == 3) else "image"
+
     @property
     def n_params(self) -> int:
         return sum(s.bank.n_params for s in self.scales if s is not None)
+
+    def rows_of(self, j: int, ids: torch.Tensor) -> torch.Tensor:
+        """The rows of scale ``j``'s bank that hold blocks ``ids`` ``(n,)``; -1 for a block
+        without an MLP."""
+        return self._slots[j][ids]
 
     def mlp_blocks(self, j: int) -> int:
         s = self.scales[j]
@@ -190,6 +228,18 @@ class MinerModel:
             ]
             total += interpolate_at(self.residual_field(k), positions).movedim(0, 1)
         return total
+
+    def measure(self, source, from_scale: int, iou: bool, batch: int = 512) -> MetricSums:
+        """Metric sums of level of detail ``from_scale`` against the full-resolution signal
+        ``source`` (a :class:`miner3d.source.SignalSource` on this layout), real samples
+        only, streamed block batch by block batch (no dense float copy of either).
+        ``iou``: also count IoU (binary signals)."""
+        sums = MetricSums()
+        for ids, values in self.iter_blocks(0, from_scale, batch):
+            truth = source.level_blocks(0, self.layout.unravel(0, ids))
+            mask = self.layout.valid_mask(0, ids)
+            sums = sums.add(block_sums(values.to(truth.device), truth, mask, iou))
+        return sums
 
     def iter_blocks(
         self, s: int = 0, from_scale: int | None = None, batch: int = 512
@@ -282,17 +332,12 @@ class MinerModel:
         return total.T
 
     # -- files ---------------------------------------------------------------------------
-    def save(self, path: str | Path) -> Path:
-        """Write ``model.safetensors`` atomically: tensors, and JSON metadata."""
-        from .io import write_safetensors
-
+    def _file_parts(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The tensors (CPU, contiguous) and the JSON header of the model file."""
         tensors: dict[str, torch.Tensor] = {}
-        for j, scale in enumerate(self.scales):
-            if scale is None:
-                continue
-            tensors[f"scale{j}.block_ids"] = scale.block_ids.cpu().contiguous()
-            for i, p in enumerate(scale.bank.params):
-                tensors[f"scale{j}.param{i}"] = p.detach().cpu().contiguous()
+        for j in range(self.layout.n_scales):
+            state = self.scale_state_dict(j)
+            tensors.update({k: v.detach().cpu().contiguous() for k, v in state.items()})
         header = {
             "format": "miner3d-model",
             "version": MODEL_FORMAT_VERSION,
@@ -303,7 +348,21 @@ class MinerModel:
             "transform": None if self.transform is None else self.transform.to_dict(),
             "meta": self.meta,
         }
+        return tensors, header
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``model.safetensors`` atomically: tensors, and JSON metadata."""
+        from .io import write_safetensors
+
+        tensors, header = self._file_parts()
         return write_safetensors(path, tensors, "miner3d", header)
+
+    def nbytes_on_disk(self) -> int:
+        """The size :meth:`save` would write, computed in memory (one copy of the tensors)."""
+        from .io import safetensors_bytes
+
+        tensors, header = self._file_parts()
+        return len(safetensors_bytes(tensors, "miner3d", header))
 
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str = "cpu") -> MinerModel:
@@ -324,10 +383,9 @@ class MinerModel:
             header["meta"],
             device,
         )
-        n_params = 2 * len(bank_shape.layer_sizes)
-        for j in range(layout.n_scales):
-            key = f"scale{j}.block_ids"
-            if key in tensors:
-                params = [tensors[f"scale{j}.param{i}"] for i in range(n_params)]
-                model.set_scale(j, tensors[key], MLPBank(bank_shape, params))
+        try:
+            for j in range(layout.n_scales):
+                model.load_scale_state_dict(j, tensors)
+        except KeyError as exc:
+            raise MinerError(f"could not read model {path}: tensor {exc} is missing") from None
         return model

@@ -125,7 +125,7 @@ def render_image_levels(model: MinerModel, path: str | Path, max_side: int = 102
     level larger than ``max_side`` pixels is rendered at that size by querying the model."""
     import matplotlib
 
-    from .runs import render_image
+    from .extract import render_image
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

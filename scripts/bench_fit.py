@@ -36,19 +36,12 @@ METHODS: dict[str, dict] = {
     "kilonerf": {"n_scales": 1},  # blocks at the finest scale only, no pyramid
     "siren": {"n_scales": 1, "hidden_layers": 3, "w0": 30.0, "points_per_block": 65536},
 }
-# every method keeps FitConfig's stopping rule: a scale ends when all its blocks are frozen,
-# when its loss improves by less than 1 % over 200 iterations, or at max_iters
-BASE = {
-    "n_scales": 3,
-    "block": 8,
-    "hidden": 22,
-    "hidden_layers": 2,
-    "lr": 1e-3,
-    "prune_mse": 2e-3,
-    "freeze_mse": 1e-4,
-    "max_iters": 5000,
-    "metric_every": 25,
-}
+# every method starts from the `cpu` preset (configs/cpu.yaml: 3 scales of 8^3 blocks, 2 x 22
+# features, prune 2e-3, freeze 1e-4) with every sample per iteration, lr 1e-3 and a 5000
+# iteration cap: the setting of BENCHMARKS.md's tables. Every method keeps the preset's
+# stopping rule: a scale ends when all its blocks are frozen, when its loss improves by less
+# than 1 % over 200 iterations, or at max_iters
+PRESET, BASE = "cpu", {"lr": 1e-3, "max_iters": 5000, "points_per_block": 0, "metric_every": 25}
 THRESHOLDS = (0.99, 0.995, 0.999)
 
 # 2D: the image preset's shape, and the baselines of the paper's Fig. 5
@@ -63,18 +56,7 @@ IMAGE_METHODS: dict[str, dict] = {  # one scale: the time cap, not max_iters, en
         "max_iters": 10**6,
     },
 }
-IMAGE_BASE = {  # the image preset's settings (configs/image.yaml), measured more often
-    "n_scales": 3,
-    "block": 32,
-    "hidden": 20,
-    "hidden_layers": 3,
-    "lr": 2e-3,
-    "iteration_samples": 32768,
-    "prune_mse": 3e-5,
-    "freeze_mse": 3e-5,
-    "max_iters": 500,
-    "metric_every": 25,
-}
+IMAGE_PRESET, IMAGE_BASE = "image", {"metric_every": 25}  # the `image` preset, measured more often
 IMAGE_THRESHOLDS = (30.0, 35.0, 40.0)
 
 
@@ -114,34 +96,29 @@ def _run_child(
     lr: float | None,
     image: str | None,
 ) -> dict:
-    """One fit, in this (child) process. Returns its figures and curve."""
+    """One fit, in this (child) process, through the public API. Returns its figures and
+    curve."""
     import time
 
     import numpy as np
-    import torch
 
-    from miner3d.memory import peak_rss
-    from miner3d.metrics import time_to
-    from miner3d.train import FitConfig, fit
+    import miner3d
 
     t0 = time.perf_counter()
     if image is not None:
-        from miner3d.runs import _read_image
+        from PIL import Image
 
-        sig = _read_image(_image(image))
-        signal, shape = sig.data, sig.data.shape[1:]
-        kwargs = {"occupancy": False, "value_scale": sig.value_scale}
+        source = _image(image)
+        width, height = Image.open(source).size
+        shape, preset = (height, width), IMAGE_PRESET
         values = {**IMAGE_BASE, **IMAGE_METHODS[method]}
-        metric, thresholds, target_params = "psnr", IMAGE_THRESHOLDS, 300_000
-        io = (2, sig.data.shape[0])
+        metric, target_params = "psnr", 300_000
+        io = (2, len(Image.open(source).getbands()))
     else:
-        from miner3d.voxelize import voxelize_file
-
-        grid = voxelize_file(mesh, resolution)
-        signal, shape = grid.occupancy, grid.shape
-        kwargs = {"transform": grid.transform}
+        source = miner3d.voxelize(mesh, resolution)
+        shape, preset = source.shape, PRESET
         values = {**BASE, **METHODS[method]}
-        metric, thresholds, target_params = "iou", THRESHOLDS, 190_000
+        metric, target_params = "iou", 190_000
         io = (3, 1)
     prepare_s = time.perf_counter() - t0
     values.update(overrides)
@@ -155,26 +132,28 @@ def _run_child(
         )
     values.pop("params", None)
     curve = []
-    result = fit(
-        signal,
-        FitConfig(**values),
-        callback=lambda r: curve.append(r) if metric in r else None,
-        **kwargs,
+    result = miner3d.fit(
+        source,
+        preset=preset,
+        progress=lambda r: curve.append(r) if metric in r else None,
+        **values,
     )
-    reached = time_to(curve, metric, thresholds)
+    s = result.summary
+    if image is not None:
+        prepare_s += s["seconds_load"]
+    config = miner3d.effective_config(source, preset=preset, overrides=values)
     return {
         "method": method,
-        "lr": values["lr"],
+        "lr": config.fit.lr,
         "prepare_s": prepare_s,
-        "fit_s": result.summary["seconds"],
-        "quality": result.summary.get(metric),
-        "finest_scale": result.summary["finest_scale_fitted"],
-        "params": result.model.n_params,
-        "reached": reached,
+        "fit_s": s["seconds"],
+        "quality": s.get(metric),
+        "finest_scale": s["finest_scale_fitted"],
+        "params": s["params"],
+        "reached": s[f"seconds_to_{metric}"],
         "curve": [(r["time"], r[metric], r["scale"]) for r in curve],
-        "peak_rss": peak_rss(),
-        "torch_threads": torch.get_num_threads(),
-        "config": values,
+        "peak_rss": s["peak_rss_bytes"],
+        "config": config.to_dict()["fit"],
         "shape": list(shape),
     }
 

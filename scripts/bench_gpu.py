@@ -16,24 +16,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import sys
 import time
 from pathlib import Path
 
+import miner3d
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+
+
+def _mib(n_bytes: float | None) -> str:
+    return "-" if n_bytes is None else f"{n_bytes / 2**20:.0f} MiB"
 
 
 def main() -> None:
-    import torch
-
-    from miner3d.config import build_config, parse_assignments
-    from miner3d.memory import format_size, peak_rss
-    from miner3d.metrics import time_to
-    from miner3d.train import fit, pick_device
-    from miner3d.voxelize import voxelize_file
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mesh", default=str(ROOT / "meshes" / "lucy.ply"))
     parser.add_argument("--resolution", type=int, default=1024)
@@ -53,30 +48,19 @@ def main() -> None:
 
     overrides = {
         "resolution": args.resolution,
-        "fit.target": args.target,
-        "fit.time_limit": args.cap,
-        **parse_assignments(args.set),
+        "target": args.target,
+        "time_limit": args.cap,
+        "device": args.device,
+        **dict(item.split("=", 1) for item in args.set),
     }
-    config = build_config(args.preset, overrides=overrides)
-    device = pick_device(args.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()
-    print(
-        f"device {device} ({name}), torch {torch.__version__}, preset {config.preset}: "
-        f"{json.dumps(config.fit.__dict__)}"
-    )
-
+    config = miner3d.effective_config(args.mesh, preset=args.preset, overrides=overrides)
     t0 = time.perf_counter()
-    grid = voxelize_file(args.mesh, config.resolution, method=config.voxelizer)
+    grid = miner3d.voxelize(args.mesh, config.resolution, method=config.voxelizer)
     voxelize_s = time.perf_counter() - t0
     print(
         f"voxelized {Path(args.mesh).name} to {'x'.join(map(str, grid.shape))} in "
         f"{voxelize_s:.2f} s ({100 * grid.filled_fraction:.1f}% inside)"
     )
-    occupancy = torch.from_numpy(grid.occupancy).to(device)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats(device)
-
     curve = []
 
     def on_record(r: dict) -> None:
@@ -89,44 +73,40 @@ def main() -> None:
                 flush=True,
             )
 
-    result = fit(occupancy, config.fit, transform=grid.transform, device=device, callback=on_record)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    reached = time_to(curve, "iou", (0.99, 0.995, 0.999))
+    result = miner3d.fit(grid, preset=args.preset, progress=on_record, banner=print, **overrides)
+    s = result.summary
     t0 = time.perf_counter()
-    from miner3d.extract import marching_cubes
-
-    _, faces = marching_cubes(result.model, 0)
+    mesh = result.model.mesh(lod=0)
     mc_s = time.perf_counter() - t0
     summary = {
-        "device": name,
+        "device": s["device"],
         "resolution": config.resolution,
         "grid": list(grid.shape),
         "voxelize_s": voxelize_s,
-        "fit_s": result.summary["seconds"],
-        "final_iou": result.summary.get("iou"),
-        "stopped": result.summary["stopped"],
-        "seconds_to_iou": reached,
-        "params": result.model.n_params,
-        "scale_seconds": result.summary["scale_seconds"],
-        "mlp_blocks": result.summary["mlp_blocks"],
-        "peak_gpu": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-        "peak_rss": peak_rss(),
+        "fit_s": s["seconds"],
+        "final_iou": s.get("iou"),
+        "stopped": s["stopped"],
+        "seconds_to_iou": s["seconds_to_iou"],
+        "params": s["params"],
+        "scale_seconds": s["scale_seconds"],
+        "mlp_blocks": s["mlp_blocks"],
+        "peak_gpu": s["peak_gpu_bytes"],
+        "peak_rss": s["peak_rss_bytes"],
         "marching_cubes_s": mc_s,
-        "triangles": len(faces),
+        "triangles": len(mesh.faces),
     }
     print("summary:")
-    for t, hit in reached.items():
+    for t, hit in s["seconds_to_iou"].items():
         print(f"  time to IoU {t}: {'not reached' if hit is None else f'{hit:.2f} s'}")
     print(
         f"  final IoU {summary['final_iou']:.5f} ({summary['stopped']}), parameters "
         f"{summary['params']:,}, fit {summary['fit_s']:.2f} s, per scale "
         f"{summary['scale_seconds']}"
     )
-    gpu = "-" if summary["peak_gpu"] is None else format_size(summary["peak_gpu"])
     print(
-        f"  peak GPU memory {gpu}, peak RSS {format_size(summary['peak_rss'])}, "
-        f"voxelize {voxelize_s:.2f} s, marching cubes {mc_s:.2f} s ({len(faces):,} triangles)"
+        f"  peak GPU memory {_mib(summary['peak_gpu'])}, peak RSS {_mib(summary['peak_rss'])}, "
+        f"voxelize {voxelize_s:.2f} s, marching cubes {mc_s:.2f} s "
+        f"({len(mesh.faces):,} triangles)"
     )
     if args.json:
         args.json.write_text(json.dumps({"summary": summary, "curve": curve}, indent=1))

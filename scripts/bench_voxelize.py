@@ -34,7 +34,7 @@ def _measure(mesh_path: str, route: str, resolution: int, repeat: int) -> dict:
 
     from miner3d.io import load_mesh
     from miner3d.memory import peak_rss
-    from miner3d.voxelize import voxelize
+    from miner3d.voxelizer import voxelize
 
     t0 = time.perf_counter()
     mesh = load_mesh(mesh_path)
@@ -89,7 +89,7 @@ def _child(args: list[str]) -> dict | None:
 
 def _baseline_rss() -> int:
     code = (
-        "import miner3d.voxelize, trimesh, numpy; from miner3d.memory import peak_rss;"
+        "import miner3d.voxelizer, trimesh, numpy; from miner3d.memory import peak_rss;"
         "print(peak_rss())"
     )
     return int(subprocess.check_output([sys.executable, "-c", code], cwd=ROOT, text=True))

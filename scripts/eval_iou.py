@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import argparse
 import csv
-import sys
-import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import miner3d
 
 COLUMNS = [
     "mesh",
@@ -33,12 +31,6 @@ COLUMNS = [
 
 
 def main() -> None:
-    from miner3d.config import parse_assignments
-    from miner3d.evaluate import evaluate
-    from miner3d.grid import OccupancyGrid
-    from miner3d.model import MinerModel
-    from miner3d.runs import run_fit
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("meshes", nargs="+", type=Path)
     parser.add_argument("--resolution", type=int, default=128)
@@ -51,35 +43,33 @@ def main() -> None:
     overrides = {
         "resolution": args.resolution,
         "mesh_scales": "none",
-        **parse_assignments(args.set),
+        **dict(item.split("=", 1) for item in args.set),
     }
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for mesh in args.meshes:
-            run_dir = Path(tmp) / mesh.stem
-            t0 = time.perf_counter()
-            summary = run_fit(mesh, preset=args.preset, overrides=overrides, output=run_dir)
-            model = MinerModel.load(run_dir / "model.safetensors")
-            grid = OccupancyGrid.load(run_dir / "grid.npz")
-            results = evaluate(model, grid.occupancy, mesh, args.points, args.surface)
-            for scale, metrics in results["scales"].items():
-                rows.append(
-                    {
-                        "mesh": mesh.name,
-                        "resolution": args.resolution,
-                        "scale": scale,
-                        "params": summary["params"],
-                        "fit_seconds": summary["seconds_fit"],
-                        **metrics,
-                    }
-                )
-            print(
-                f"{mesh.name}: iou_grid {results['scales']['0']['iou_grid']:.5f}, "
-                f"iou_points {results['scales']['0']['iou_points']:.5f}, chamfer "
-                f"{results['scales']['0']['chamfer_pct_diag']:.3f}% of diagonal "
-                f"({time.perf_counter() - t0:.1f} s)",
-                flush=True,
+    for mesh in args.meshes:
+        t0 = time.perf_counter()
+        config = miner3d.effective_config(mesh, preset=args.preset, overrides=overrides)
+        grid = miner3d.voxelize(mesh, config.resolution, method=config.voxelizer)
+        result = miner3d.fit(grid, preset=args.preset, **overrides)
+        results = result.model.evaluate(grid, mesh, args.points, args.surface)
+        for scale, metrics in results["scales"].items():
+            rows.append(
+                {
+                    "mesh": mesh.name,
+                    "resolution": args.resolution,
+                    "scale": scale,
+                    "params": result.summary["params"],
+                    "fit_seconds": result.summary["seconds_fit"],
+                    **metrics,
+                }
             )
+        print(
+            f"{mesh.name}: iou_grid {results['scales']['0']['iou_grid']:.5f}, "
+            f"iou_points {results['scales']['0']['iou_points']:.5f}, chamfer "
+            f"{results['scales']['0']['chamfer_pct_diag']:.3f}% of diagonal "
+            f"({time.perf_counter() - t0:.1f} s)",
+            flush=True,
+        )
     with open(args.output, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()

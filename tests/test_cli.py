@@ -10,30 +10,16 @@ from miner3d.cli import main
 from miner3d.grid import OccupancyGrid
 
 
-def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code, err, needle):
-    assert code != 0
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("miner3d: error:") and needle in lines[0], err
-    assert "Traceback" not in err
-
-
-def test_voxelize_writes_a_grid(capsys, meshes_dir, tmp_path):
+def test_voxelize_writes_a_grid(cli, meshes_dir, tmp_path):
     out = tmp_path / "lucy.npz"
-    code, stdout, _ = run_cli(capsys, "voxelize", meshes_dir / "lucy.ply", "-r", 48, "-o", out)
+    code, stdout, _ = cli("voxelize", meshes_dir / "lucy.ply", "-r", 48, "-o", out)
     assert code == 0 and "48" in stdout
     grid = OccupancyGrid.load(out)
     assert max(grid.shape) == 48 and 0.05 < grid.filled_fraction < 0.5
     assert grid.meta["source"].endswith("lucy.ply")
     # --cube
-    code, _, _ = run_cli(
-        capsys, "voxelize", meshes_dir / "lucy.ply", "-r", 32, "--cube", "-o", tmp_path / "c.npz"
+    code, _, _ = cli(
+        "voxelize", meshes_dir / "lucy.ply", "-r", 32, "--cube", "-o", tmp_path / "c.npz"
     )
     assert code == 0 and OccupancyGrid.load(tmp_path / "c.npz").shape == (32, 32, 32)
 
@@ -56,53 +42,50 @@ BAD_MESHES = {
 
 
 @pytest.mark.parametrize("name", list(BAD_MESHES))
-def test_bad_mesh_gets_one_line_error_and_no_output(capsys, tmp_path, name):
+def test_bad_mesh_gets_one_line_error_and_no_output(cli, tmp_path, name, expect_error):
     content, needle = BAD_MESHES[name]
     path = tmp_path / name if content is None else _write(tmp_path / name, content)
     out = tmp_path / "out.npz"
-    code, _, err = run_cli(capsys, "voxelize", path, "-r", 32, "-o", out)
-    assert_one_line_error(code, err, needle)
+    code, _, err = cli("voxelize", path, "-r", 32, "-o", out)
+    expect_error(code, err, needle)
     assert not out.exists()
     assert not list(tmp_path.glob(".out.npz*"))
 
 
 @pytest.mark.parametrize("res", [4, 9000])
-def test_resolution_out_of_range(capsys, meshes_dir, tmp_path, res):
-    code, _, err = run_cli(
-        capsys, "voxelize", meshes_dir / "lucy.ply", "-r", res, "-o", tmp_path / "g.npz"
-    )
-    assert_one_line_error(code, err, "out of range")
+def test_resolution_out_of_range(cli, meshes_dir, tmp_path, res, expect_error):
+    code, _, err = cli("voxelize", meshes_dir / "lucy.ply", "-r", res, "-o", tmp_path / "g.npz")
+    expect_error(code, err, "out of range")
 
 
-def test_not_enough_memory_is_refused_before_allocating(capsys, meshes_dir, tmp_path):
+def test_not_enough_memory_is_refused_before_allocating(cli, meshes_dir, tmp_path, expect_error):
     out = tmp_path / "g.npz"
-    code, _, err = run_cli(
-        capsys, "voxelize", meshes_dir / "lucy.ply", "-r", 1024, "--max-memory", "100MB", "-o", out
+    code, _, err = cli(
+        "voxelize", meshes_dir / "lucy.ply", "-r", 1024, "--max-memory", "100MB", "-o", out
     )
-    assert_one_line_error(code, err, "needs ~")
+    expect_error(code, err, "needs ~")
     assert "try --resolution" in err
     assert not out.exists()
 
 
-def test_existing_output_is_kept_without_force(capsys, meshes_dir, tmp_path):
+def test_existing_output_is_kept_without_force(cli, meshes_dir, tmp_path, expect_error):
     out = _write(tmp_path / "g.npz", b"precious")
-    code, _, err = run_cli(capsys, "voxelize", meshes_dir / "lucy.ply", "-r", 16, "-o", out)
-    assert_one_line_error(code, err, "--force")
+    code, _, err = cli("voxelize", meshes_dir / "lucy.ply", "-r", 16, "-o", out)
+    expect_error(code, err, "--force")
     assert out.read_bytes() == b"precious"
-    code, _, _ = run_cli(
-        capsys, "voxelize", meshes_dir / "lucy.ply", "-r", 16, "-o", out, "--force"
-    )
+    code, _, _ = cli("voxelize", meshes_dir / "lucy.ply", "-r", 16, "-o", out, "--force")
     assert code == 0 and OccupancyGrid.load(out).shape[2] == 16
 
 
-def test_unwritable_output_folder(capsys, meshes_dir, tmp_path):
+def test_unwritable_output_folder(cli, meshes_dir, tmp_path, expect_error):
     blocker = _write(tmp_path / "file", "x")
-    code, _, err = run_cli(
-        capsys, "voxelize", meshes_dir / "lucy.ply", "-r", 16, "-o", blocker / "sub" / "g.npz"
+    code, _, err = cli(
+        "voxelize", meshes_dir / "lucy.ply", "-r", 16, "-o", blocker / "sub" / "g.npz"
     )
-    assert_one_line_error(code, err, "cannot write")
+    expect_error(code, err, "cannot write")
 
 
+@pytest.mark.slow
 def test_console_entry_point_exit_status(meshes_dir, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "miner3d", "voxelize", str(tmp_path / "nope.ply")],
@@ -121,10 +104,10 @@ def test_bad_memory_size_is_a_usage_error(capsys, meshes_dir):
     assert "not a size" in capsys.readouterr().err
 
 
-def test_grid_bits_survive_cli_round_trip(capsys, meshes_dir, tmp_path):
-    from miner3d.voxelize import voxelize_file
+def test_grid_bits_survive_cli_round_trip(cli, meshes_dir, tmp_path):
+    from miner3d.voxelizer import voxelize_file
 
     out = tmp_path / "f.npz"
-    assert run_cli(capsys, "voxelize", meshes_dir / "fandisk.obj", "-r", 40, "-o", out)[0] == 0
+    assert cli("voxelize", meshes_dir / "fandisk.obj", "-r", 40, "-o", out)[0] == 0
     direct = voxelize_file(meshes_dir / "fandisk.obj", 40)
     np.testing.assert_array_equal(OccupancyGrid.load(out).occupancy, direct.occupancy)

@@ -6,18 +6,19 @@ import trimesh
 from scipy.spatial import cKDTree
 from skimage.measure import marching_cubes as dense_marching_cubes
 
+from miner3d.config import FitConfig
 from miner3d.errors import MinerError
 from miner3d.extract import marching_cubes, save_mesh
 from miner3d.io import load_mesh
-from miner3d.train import FitConfig, fit
-from miner3d.voxelize import voxelize_file
+from miner3d.train import fit
+from miner3d.voxelizer import voxelize_file
 
 
 @pytest.fixture(scope="module")
 def lucy_model(meshes_dir):
     grid = voxelize_file(meshes_dir / "lucy.ply", 64)
     config = FitConfig(n_scales=3, block=8, max_iters=300, prune_mse=2e-3)
-    return fit(grid.occupancy, config, transform=grid.transform, device="cpu").model
+    return fit(grid.occupancy[None], config, transform=grid.transform, device="cpu").model
 
 
 @pytest.mark.parametrize("scale", [0, 1])
@@ -92,6 +93,7 @@ print(len(faces), hwm() - base)
 """
 
 
+@pytest.mark.slow
 def test_extracting_512_cubed_stays_far_below_a_dense_volume():
     import subprocess
     import sys

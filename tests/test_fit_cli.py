@@ -13,10 +13,9 @@ import pytest
 import trimesh
 import yaml
 from PIL import Image
-from test_cli import assert_one_line_error, run_cli
 
+from miner3d.checkpoint import load_checkpoint
 from miner3d.io import load_mesh
-from miner3d.runs import load_checkpoint
 
 SMALL = ["--resolution", "48", "--iters", "150"]
 
@@ -43,6 +42,7 @@ def lucy_run(tmp_path_factory, meshes_dir):
     return out, code.stdout
 
 
+@pytest.mark.slow
 def test_fit_writes_a_complete_run(lucy_run):
     out, stdout = lucy_run
     for name in (
@@ -68,6 +68,7 @@ def test_fit_writes_a_complete_run(lucy_run):
     assert any(",iteration,0," in line for line in lines)
 
 
+@pytest.mark.slow
 def test_finest_mesh_is_in_the_input_coordinates(lucy_run, meshes_dir):
     out, _ = lucy_run
     mesh = trimesh.load(out / "mesh_scale0.ply", force="mesh")
@@ -78,10 +79,9 @@ def test_finest_mesh_is_in_the_input_coordinates(lucy_run, meshes_dir):
     assert mesh.volume == pytest.approx(source.volume, rel=0.15)
 
 
-def test_overrides_reach_the_written_config(capsys, meshes_dir, tmp_path):
+def test_overrides_reach_the_written_config(cli, meshes_dir, tmp_path):
     out = tmp_path / "run"
-    code, _, err = run_cli(
-        capsys,
+    code, _, err = cli(
         "fit",
         meshes_dir / "fandisk.obj",
         "--resolution",
@@ -134,45 +134,45 @@ def test_overrides_reach_the_written_config(capsys, meshes_dir, tmp_path):
         (["--max-memory", "1MB"], "try --resolution"),
     ],
 )
-def test_bad_config_values(capsys, meshes_dir, tmp_path, args, needle):
+def test_bad_config_values(cli, meshes_dir, tmp_path, args, needle, expect_error):
     out = tmp_path / "run"
-    code, _, err = run_cli(capsys, "fit", meshes_dir / "lucy.ply", *args, "-o", out, "--quiet")
-    assert_one_line_error(code, err, needle)
+    code, _, err = cli("fit", meshes_dir / "lucy.ply", *args, "-o", out, "--quiet")
+    expect_error(code, err, needle)
     assert not (out / "model.safetensors").exists()
 
 
-def test_bad_inputs(capsys, tmp_path, meshes_dir):
-    code, _, err = run_cli(capsys, "fit", tmp_path / "missing.ply", "-o", tmp_path / "a")
-    assert_one_line_error(code, err, "input not found")
+def test_bad_inputs(cli, tmp_path, meshes_dir, expect_error):
+    code, _, err = cli("fit", tmp_path / "missing.ply", "-o", tmp_path / "a")
+    expect_error(code, err, "input not found")
     (tmp_path / "notes.txt").write_text("hello")
-    code, _, err = run_cli(capsys, "fit", tmp_path / "notes.txt", "-o", tmp_path / "b")
-    assert_one_line_error(code, err, "unknown input extension")
+    code, _, err = cli("fit", tmp_path / "notes.txt", "-o", tmp_path / "b")
+    expect_error(code, err, "unknown input extension")
     (tmp_path / "broken.ply").write_bytes(b"ply\nformat ascii 1.0\nelement vertex 3\nnonsense")
-    code, _, err = run_cli(capsys, "fit", tmp_path / "broken.ply", "-o", tmp_path / "c")
-    assert_one_line_error(code, err, "could not read mesh")
+    code, _, err = cli("fit", tmp_path / "broken.ply", "-o", tmp_path / "c")
+    expect_error(code, err, "could not read mesh")
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
-    code, _, err = run_cli(capsys, "fit", tmp_path / "broken.png", "-o", tmp_path / "d")
-    assert_one_line_error(code, err, "could not read image")
+    code, _, err = cli("fit", tmp_path / "broken.png", "-o", tmp_path / "d")
+    expect_error(code, err, "could not read image")
     blocker = tmp_path / "blocker"
     blocker.write_text("x")
-    code, _, err = run_cli(capsys, "fit", meshes_dir / "lucy.ply", "-o", blocker / "run")
-    assert_one_line_error(code, err, "cannot write")
+    code, _, err = cli("fit", meshes_dir / "lucy.ply", "-o", blocker / "run")
+    expect_error(code, err, "cannot write")
 
 
-def test_existing_run_is_never_overwritten(capsys, lucy_run, meshes_dir):
+@pytest.mark.slow
+def test_existing_run_is_never_overwritten(cli, lucy_run, meshes_dir, expect_error):
     out, _ = lucy_run
     before = (out / "model.safetensors").read_bytes()
-    code, _, err = run_cli(capsys, "fit", meshes_dir / "lucy.ply", "-o", out, "--quiet")
-    assert_one_line_error(code, err, "--resume")
-    code, _, err = run_cli(capsys, "fit", "--resume", out, "--quiet")
-    assert_one_line_error(code, err, "nothing to resume")
+    code, _, err = cli("fit", meshes_dir / "lucy.ply", "-o", out, "--quiet")
+    expect_error(code, err, "--resume")
+    code, _, err = cli("fit", "--resume", out, "--quiet")
+    expect_error(code, err, "nothing to resume")
     assert (out / "model.safetensors").read_bytes() == before
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(capsys, meshes_dir, tmp_path):
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(cli, meshes_dir, tmp_path, expect_error):
     out = tmp_path / "run"
-    code, _, err = run_cli(
-        capsys,
+    code, _, err = cli(
         "fit",
         meshes_dir / "fandisk.obj",
         "--resolution",
@@ -185,7 +185,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(capsys, meshes_dir, t
         out,
         "--quiet",
     )
-    assert_one_line_error(code, err, "the loss became")
+    expect_error(code, err, "the loss became")
     assert "last good checkpoint" in err
     checkpoint = load_checkpoint(out / "checkpoint.safetensors")
     failed_at = int(err.split("iteration ")[1].split(";")[0])
@@ -235,6 +235,7 @@ def _wait_for_mid_scale_checkpoint(out: Path, proc: subprocess.Popen, scale: int
     raise AssertionError("no mid-scale checkpoint appeared")
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_continues_from_the_checkpoint(tmp_path, meshes_dir):
     out = tmp_path / "run"
     proc = _start_fit(out, meshes_dir)
@@ -269,6 +270,7 @@ def test_resume_after_sigkill_continues_from_the_checkpoint(tmp_path, meshes_dir
     assert summary["iou"] >= 0.99
 
 
+@pytest.mark.slow
 def test_sigint_checkpoints_and_exits_cleanly(tmp_path, meshes_dir):
     out = tmp_path / "run"
     proc = _start_fit(out, meshes_dir, "--set", "checkpoint_minutes=100")
@@ -283,6 +285,7 @@ def test_sigint_checkpoints_and_exits_cleanly(tmp_path, meshes_dir):
     assert (out / "checkpoint.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_run_has_pictures(lucy_run):
     out, _ = lucy_run
     for name in ("levels.png", "history.png"):
@@ -290,25 +293,24 @@ def test_run_has_pictures(lucy_run):
         assert image.ndim == 3 and (image[..., :3] != image[0, 0, :3]).any(axis=-1).mean() > 0.03
 
 
-def test_extract_eval_view_subcommands(capsys, lucy_run, meshes_dir, tmp_path):
+@pytest.mark.slow
+def test_extract_eval_view_subcommands(cli, lucy_run, meshes_dir, tmp_path, expect_error):
     out, _ = lucy_run
     model = out / "model.safetensors"
-    code, stdout, err = run_cli(capsys, "extract", model, "-o", tmp_path / "m.obj", "--scale", 1)
+    code, stdout, err = cli("extract", model, "-o", tmp_path / "m.obj", "--scale", 1)
     assert code == 0, err
     coarse = trimesh.load(tmp_path / "m.obj", force="mesh")
-    code, _, err = run_cli(
-        capsys, "extract", model, "-o", tmp_path / "fine.stl", "--resolution", 96
-    )
+    code, _, err = cli("extract", model, "-o", tmp_path / "fine.stl", "--resolution", 96)
     assert code == 0, err
     fine = trimesh.load(tmp_path / "fine.stl", force="mesh")
     assert fine.is_watertight and len(fine.faces) > len(coarse.faces)
-    code, _, err = run_cli(capsys, "extract", model, "-o", tmp_path / "m.obj")
-    assert_one_line_error(code, err, "--force")
-    code, _, err = run_cli(capsys, "extract", model, "-o", tmp_path / "x.ply", "--scale", 7)
-    assert_one_line_error(code, err, "--scale")
+    code, _, err = cli("extract", model, "-o", tmp_path / "m.obj")
+    expect_error(code, err, "--force")
+    code, _, err = cli("extract", model, "-o", tmp_path / "x.ply", "--scale", 7)
+    expect_error(code, err, "--scale")
 
-    code, stdout, err = run_cli(
-        capsys, "eval", model, "--points", 20000, "--surface", 5000, "-o", tmp_path / "eval.json"
+    code, stdout, err = cli(
+        "eval", model, "--points", 20000, "--surface", 5000, "-o", tmp_path / "eval.json"
     )
     assert code == 0, err
     for name in ("iou_grid", "iou_grid_04", "iou_points", "chamfer", "chamfer_pct_diag", "fscore"):
@@ -319,10 +321,10 @@ def test_extract_eval_view_subcommands(capsys, lucy_run, meshes_dir, tmp_path):
     assert results["scales"]["0"]["iou_points"] > 0.75  # 48 voxels across Lucy: coarse
     assert results["scales"]["0"]["chamfer_pct_diag"] < 1.0
 
-    code, _, err = run_cli(
-        capsys, "view", model, "--screenshot", tmp_path / "v.png", "--plot", tmp_path / "p.png"
+    code, _, err = cli(
+        "view", model, "--screenshot", tmp_path / "v.png", "--plot", tmp_path / "p.png"
     )
     assert code == 0, err
     assert (tmp_path / "v.png").stat().st_size > 1000 and (tmp_path / "p.png").is_file()
-    code, _, err = run_cli(capsys, "view", tmp_path / "nope.safetensors")
-    assert_one_line_error(code, err, "model file not found")
+    code, _, err = cli("view", tmp_path / "nope.safetensors")
+    expect_error(code, err, "model file not found")

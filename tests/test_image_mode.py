@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from skimage import data
 from skimage import io as skio
-from test_cli import run_cli
 
 FAST = ["--iters", "150", "--set", "fit.metric_every=25"]
 
@@ -18,11 +17,11 @@ def _psnr(a: np.ndarray, b: np.ndarray, peak: float) -> float:
     return 10 * np.log10(peak**2 / mse)
 
 
-def test_rgb_photo(capsys, tmp_path):
+def test_rgb_photo(cli, tmp_path):
     image = data.astronaut()[::2, ::2]  # (256, 256, 3) uint8
     skio.imsave(tmp_path / "astronaut.png", image, check_contrast=False)
     out = tmp_path / "run"
-    code, stdout, err = run_cli(capsys, "fit", tmp_path / "astronaut.png", *FAST, "-o", out)
+    code, stdout, err = cli("fit", tmp_path / "astronaut.png", *FAST, "-o", out)
     assert code == 0, err
     assert "preset image" in stdout and "final PSNR" in stdout
     summary = json.loads((out / "summary.json").read_text())
@@ -39,8 +38,7 @@ def test_rgb_photo(capsys, tmp_path):
     assert skio.imread(out / "recon_scale2.png").shape == (64, 64, 3)  # level of detail 2
     assert (out / "levels.png").is_file() and (out / "history.png").is_file()
     # the continuous model renders at any size
-    code, _, err = run_cli(
-        capsys,
+    code, _, err = cli(
         "extract",
         out / "model.safetensors",
         "-o",
@@ -50,8 +48,7 @@ def test_rgb_photo(capsys, tmp_path):
     )
     assert code == 0, err
     assert skio.imread(tmp_path / "big.png").shape == (384, 512, 3)
-    code, _, err = run_cli(
-        capsys,
+    code, _, err = cli(
         "extract",
         out / "model.safetensors",
         "-o",
@@ -62,32 +59,30 @@ def test_rgb_photo(capsys, tmp_path):
     assert code != 0 and "WxH" in err
 
 
-def test_sixteen_bit_odd_size_round_trip(capsys, tmp_path):
+def test_sixteen_bit_odd_size_round_trip(cli, tmp_path):
     rng = np.random.default_rng(0)
     y, x = np.mgrid[0:37, 0:53]
     image = (30000 + 20000 * np.sin(x / 7.0) * np.cos(y / 5.0)).astype(np.uint16)
     image += rng.integers(0, 50, image.shape, dtype=np.uint16)
     skio.imsave(tmp_path / "depth.png", image, check_contrast=False)
     out = tmp_path / "run"
-    code, _, err = run_cli(
-        capsys, "fit", tmp_path / "depth.png", *FAST, "--block", 16, "-o", out, "--quiet"
-    )
+    code, _, err = cli("fit", tmp_path / "depth.png", *FAST, "--block", 16, "-o", out, "--quiet")
     assert code == 0, err
     recon = skio.imread(out / "recon_scale0.png")
     assert recon.dtype == np.uint16 and recon.shape == (37, 53)
     assert _psnr(recon, image, 65535) > 30
 
 
-def test_rgba_and_a_tiny_thumbnail(capsys, tmp_path):
+def test_rgba_and_a_tiny_thumbnail(cli, tmp_path):
     rgba = np.dstack([data.astronaut()[:40, :61], np.full((40, 61), 200, np.uint8)])
     skio.imsave(tmp_path / "rgba.png", rgba, check_contrast=False)
     out = tmp_path / "rgba"
-    code, _, err = run_cli(capsys, "fit", tmp_path / "rgba.png", *FAST, "-o", out, "--quiet")
+    code, _, err = cli("fit", tmp_path / "rgba.png", *FAST, "-o", out, "--quiet")
     assert code == 0, err
     assert skio.imread(out / "recon_scale0.png").shape == (40, 61, 4)
     thumb = data.astronaut()[100:103, 200:205]  # 3 x 5
     skio.imsave(tmp_path / "thumb.png", thumb, check_contrast=False)
     out = tmp_path / "thumb"
-    code, _, err = run_cli(capsys, "fit", tmp_path / "thumb.png", *FAST, "-o", out, "--quiet")
+    code, _, err = cli("fit", tmp_path / "thumb.png", *FAST, "-o", out, "--quiet")
     assert code == 0, err
     assert skio.imread(out / "recon_scale0.png").shape == (3, 5, 3)

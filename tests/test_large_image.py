@@ -10,9 +10,8 @@ import sys
 import numpy as np
 import pytest
 import tifffile
-from test_cli import run_cli
 
-from miner3d.runs import _read_image
+from miner3d.kinds import IMAGE, read_signal
 
 # the child: open the TIFF, warm torch up on a tiny fit, then fit the big image for a few
 # iterations per scale and report the peak RSS above the RSS just before the fit
@@ -21,27 +20,28 @@ import json, sys
 from pathlib import Path
 import numpy as np
 from miner3d.memory import peak_rss
-from miner3d.runs import _read_image
-from miner3d.train import FitConfig, fit
+from miner3d.io import read_image
+from miner3d.config import FitConfig
+from miner3d.train import fit
 
 def rss():
     with open("/proc/self/status") as fh:
         return next(int(l.split()[1]) * 1024 for l in fh if l.startswith("VmRSS:"))
 
-sig = _read_image(Path(sys.argv[1]))
-assert isinstance(sig.data, np.memmap), type(sig.data)
+data, mapped = read_image(Path(sys.argv[1]))
+assert mapped and isinstance(data, np.memmap), type(data)
 cfg = dict(n_scales=3, block=32, hidden=8, hidden_layers=1, max_iters=3, points_per_block=64,
            batch_samples=1 << 17, metric_every=3, prune_mse=1e-4, freeze_mse=0.0,
            plateau_tol=0.0, lr=1e-2)
 tiny = np.zeros((3, 64, 64), np.uint8)
-fit(tiny, FitConfig(**{**cfg, "block": 8}), occupancy=False, value_scale=1 / 255)
+fit(tiny, FitConfig(**{**cfg, "block": 8}), kind="image", value_scale=1 / 255)
 try:  # reset the high-water mark to now (Linux >= 4.0); if refused, the bound is stricter
     with open("/proc/self/clear_refs", "w") as fh:
         fh.write("5")
 except OSError:
     pass
 base = rss()
-res = fit(sig.data, FitConfig(**cfg), occupancy=False, value_scale=sig.value_scale)
+res = fit(data, FitConfig(**cfg), kind="image", value_scale=1 / 255)
 print(json.dumps({"base": base, "peak": peak_rss(), "psnr": res.summary["psnr"],
                   "finest": res.summary["finest_scale_fitted"],
                   "mlp_blocks": res.summary["mlp_blocks"],
@@ -63,6 +63,7 @@ def _write_big_tiff(path, height: int, width: int) -> None:
     del mm
 
 
+@pytest.mark.slow
 def test_64mp_memory_mapped_tiff_fits_under_rss_bound(tmp_path):
     height = width = 8000  # 64 MP, RGB: 192 MB of uint8, 768 MB as float32
     path = tmp_path / "big.tif"
@@ -99,17 +100,15 @@ def test_tiff_is_memory_mapped_when_possible_and_decoded_otherwise(tmp_path):
         ("gray16.tif", gray16, True),
         ("packed.tif", rgb, False),  # compressed: cannot be mapped, decoded instead
     ]:
-        sig = _read_image(tmp_path / name)
+        sig = read_signal(tmp_path / name, IMAGE)
         assert isinstance(sig.data, np.memmap) == mapped and sig.info["memory_mapped"] == mapped
         expected = image[None] if image.ndim == 2 else np.moveaxis(image, -1, 0)
         np.testing.assert_array_equal(np.asarray(sig.data), expected)
         assert sig.value_scale == pytest.approx(1 / np.iinfo(image.dtype).max)
 
 
-def test_fit_preflight_applies_to_mapped_images(capsys, tmp_path):
+def test_fit_preflight_applies_to_mapped_images(cli, tmp_path):
     _write_big_tiff(tmp_path / "big.tif", 1000, 1000)
-    code, _, err = run_cli(
-        capsys, "fit", tmp_path / "big.tif", "--max-memory", "100M", "-o", tmp_path / "run"
-    )
+    code, _, err = cli("fit", tmp_path / "big.tif", "--max-memory", "100M", "-o", tmp_path / "run")
     assert code != 0 and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1 and "needs ~" in err and "available" in err

@@ -6,7 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
+
+
+pytestmark = pytest.mark.slow  # every script runs in a subprocess
 
 
 def _run(*args: str) -> str:

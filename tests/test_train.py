@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from miner3d.errors import MinerError
+from miner3d.config import FitConfig
+from miner3d.errors import FitInterrupted, MinerError
 from miner3d.metrics import iou
 from miner3d.model import MinerModel
-from miner3d.train import FitConfig, FitInterrupted, fit
-from miner3d.voxelize import voxelize_file
+from miner3d.train import fit
+from miner3d.voxelizer import voxelize_file
 
 LUCY_64 = FitConfig(n_scales=3, block=8, max_iters=300, prune_mse=2e-3, metric_every=50)
 
@@ -22,7 +23,11 @@ def lucy64(meshes_dir):
 def lucy64_fit(lucy64):
     history = []
     result = fit(
-        lucy64.occupancy, LUCY_64, transform=lucy64.transform, device="cpu", callback=history.append
+        lucy64.occupancy[None],
+        LUCY_64,
+        transform=lucy64.transform,
+        device="cpu",
+        callback=history.append,
     )
     return result, history
 
@@ -61,8 +66,10 @@ def test_targets_recomputed_per_iteration_match_the_cache(lucy64, gaussian):
         pyramid="gaussian" if gaussian else "laplacian",
         batch_samples=20_000,  # several chunks per iteration
     )
-    cached = fit(lucy64.occupancy, base, device="cpu")
-    fresh = fit(lucy64.occupancy, FitConfig(**{**base.__dict__, "cache_targets": 0}), device="cpu")
+    cached = fit(lucy64.occupancy[None], base, device="cpu")
+    fresh = fit(
+        lucy64.occupancy[None], FitConfig(**{**base.__dict__, "cache_targets": 0}), device="cpu"
+    )
     for j in range(3):
         assert fresh.model.mlp_blocks(j) == cached.model.mlp_blocks(j)
     assert fresh.summary["iou"] >= 0.99
@@ -104,7 +111,7 @@ def test_astronaut_reaches_35db():
         freeze_mse=1e-5,
         metric_every=40,
     )
-    result = fit(image, config, occupancy=False, value_scale=1 / 255, device="cpu")
+    result = fit(image, config, kind="image", value_scale=1 / 255, device="cpu")
     assert result.summary["psnr"] >= 35.0
     decoded = result.model.decode(0)
     assert decoded.shape == (3, 512, 512)
@@ -123,7 +130,7 @@ def test_astronaut_reaches_35db():
     ],
 )
 def test_variants_run_and_learn(lucy64, variant):
-    occupancy = lucy64.occupancy[:32, :24, :32]
+    occupancy = lucy64.occupancy[None, :32, :24, :32]
     base = {
         "n_scales": 2,
         "block": 8,
@@ -148,7 +155,7 @@ def test_bad_config_names_the_field():
 
 
 def test_interrupt_and_resume_continue_exactly(lucy64):
-    occupancy = lucy64.occupancy
+    occupancy = lucy64.occupancy[None]
     config = FitConfig(
         n_scales=3, block=8, max_iters=120, prune_mse=2e-3, metric_every=20, points_per_block=200
     )
@@ -185,4 +192,4 @@ def test_interrupt_and_resume_continue_exactly(lucy64):
 def test_nan_loss_stops_with_a_clear_error(lucy64):
     config = FitConfig(n_scales=2, block=8, max_iters=50, lr=1e30, prune_mse=0.0)
     with pytest.raises(MinerError, match="the loss became"):
-        fit(lucy64.occupancy[:32, :24, :32], config, device="cpu")
+        fit(lucy64.occupancy[None, :32, :24, :32], config, device="cpu")

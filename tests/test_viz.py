@@ -13,8 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from miner3d.train import FitConfig, fit
-from miner3d.voxelize import voxelize_file
+from miner3d.config import FitConfig
+from miner3d.train import fit
+from miner3d.voxelizer import voxelize_file
 
 CACHE = Path(__file__).parent / "image_cache"
 UPDATE = os.environ.get("MINER3D_UPDATE_IMAGE_CACHE") == "1"
@@ -24,7 +25,7 @@ UPDATE = os.environ.get("MINER3D_UPDATE_IMAGE_CACHE") == "1"
 def fandisk_fit(meshes_dir):
     grid = voxelize_file(meshes_dir / "fandisk.obj", 32)
     config = FitConfig(n_scales=2, block=8, max_iters=150, prune_mse=2e-3, metric_every=25)
-    return fit(grid.occupancy, config, transform=grid.transform, device="cpu")
+    return fit(grid.occupancy[None], config, transform=grid.transform, device="cpu")
 
 
 def _compare(rendered: Path, name: str, threshold: float) -> None:
@@ -64,7 +65,7 @@ def test_levels_render_offscreen(fandisk_fit, tmp_path):
 
 
 def test_history_plot(fandisk_fit, tmp_path):
-    from miner3d.runs import write_metrics_csv
+    from miner3d.rundir import write_metrics_csv
     from miner3d.viz import plot_history
 
     # the fit's own history has wall times that vary run to run: plot it (through the CSV),
@@ -103,7 +104,7 @@ def test_image_levels_picture(tmp_path):
         freeze_mse=1e-5,
         metric_every=20,
     )
-    result = fit(camera, config, occupancy=False, value_scale=1 / 255, device="cpu")
+    result = fit(camera[None], config, kind="image", value_scale=1 / 255, device="cpu")
     image = render_image_levels(result.model, tmp_path / "levels.png")
     _not_blank(image, 0.9)
     yellow = (image[..., 0] > 200) & (image[..., 1] > 200) & (image[..., 2] < 80)

@@ -7,7 +7,7 @@ from conftest import solid_iou
 
 from miner3d.errors import MinerError, OutOfMemoryError
 from miner3d.io import load_mesh
-from miner3d.voxelize import voxelize, voxelize_file
+from miner3d.voxelizer import voxelize, voxelize_file
 from miner3d.winding import winding_numbers
 
 

@@ -8,7 +8,7 @@ import trimesh
 from conftest import solid_iou
 
 from miner3d.io import load_mesh
-from miner3d.voxelize import voxelize
+from miner3d.voxelizer import voxelize
 from miner3d.winding import winding_numbers
 
 

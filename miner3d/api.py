@@ -1,0 +1,293 @@
+"""The Python entry points: :func:`fit`, :func:`resume`, :func:`load`, :func:`voxelize`.
+
+::
+
+    import miner3d
+    result = miner3d.fit("meshes/teapot.obj", resolution=64)   # presets and overrides as the CLI
+    result.model, result.summary["iou"]
+    model = miner3d.load("runs/demo/model.safetensors")
+    model.query(points)          # (P, d) points in the input's coordinates -> (P, C) numpy
+    model.query(points, lod=1)   # level of detail j: the scales >= j
+    model.mesh(lod=0)            # trimesh.Trimesh (occupancy models)
+    model.image(lod=0)           # (H, W, C) numpy (image models)
+    grid = miner3d.voxelize("meshes/teapot.obj", 128)   # OccupancyGrid
+
+:func:`fit` without ``output`` writes nothing to disk; with ``output=DIR`` it writes a run
+directory (:mod:`miner3d.rundir`) exactly as ``miner3d fit -o DIR`` does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import pipeline, rundir
+from .checkpoint import load_checkpoint
+from .config import RunConfig, build_config, default_preset, override_key
+from .errors import MinerError
+from .grid import OccupancyGrid
+from .kinds import OCCUPANCY, Kind, Signal, get_kind, kind_of_path, value_scale
+from .memory import parse_size
+from .model import MinerModel
+from .resources import default_mesh
+from .train import pick_device
+
+Progress = Callable[[dict[str, Any]], None]
+
+
+class Model:
+    """A fitted model, as users hold it: queries and levels of detail in numpy and trimesh.
+
+    Attributes:
+        core: the :class:`~miner3d.model.MinerModel` (torch tensors, blocks, banks).
+        kind: ``occupancy`` or ``image``.
+        transform: grid to input coordinates (:class:`~miner3d.grid.GridTransform`), or
+            ``None`` (grid coordinates).
+    """
+
+    def __init__(self, core: MinerModel):
+        self.core = core
+
+    @property
+    def kind(self) -> str:
+        return self.core.kind
+
+    @property
+    def transform(self):
+        return self.core.transform
+
+    @property
+    def n_params(self) -> int:
+        return self.core.n_params
+
+    @property
+    def lods(self) -> int:
+        """Levels of detail: ``0`` (finest) to ``lods - 1``."""
+        return self.core.layout.n_scales
+
+    def _check_lod(self, lod: int) -> int:
+        if not 0 <= int(lod) < self.lods:
+            raise MinerError(f"lod must be in [0, {self.lods - 1}], got {lod}")
+        return int(lod)
+
+    def query(self, points: Any, lod: int = 0, grid_coords: bool = False) -> np.ndarray:
+        """The model at points ``(P, d)`` in the input's coordinates (or full-resolution grid
+        coordinates, voxel ``i``'s centre at ``i + 0.5``): ``(P, C)`` float32. Level of detail
+        ``lod`` sums the scales ``>= lod``."""
+        points = np.asarray(points, dtype=np.float64)
+        if points.ndim != 2 or points.shape[1] != self.core.layout.ndim:
+            raise MinerError(f"points must be (P, {self.core.layout.ndim}), got {points.shape}")
+        grid = grid_coords or self.transform is None
+        values = self.core.query(points, grid_coords=grid, from_scale=self._check_lod(lod))
+        return values.cpu().numpy()
+
+    def mesh(self, lod: int = 0, level: float = 0.5, resolution: int | None = None):
+        """The surface at ``level`` (``trimesh.Trimesh``, input coordinates), for occupancy
+        models; ``resolution`` samples the continuous model on another grid."""
+        import trimesh
+
+        from .extract import marching_cubes
+
+        if self.kind != "occupancy":
+            raise MinerError(f"mesh() is for occupancy models; this one is an {self.kind} model")
+        vertices, faces = marching_cubes(
+            self.core, self._check_lod(lod), level, resolution=resolution
+        )
+        return trimesh.Trimesh(vertices, faces, process=False)
+
+    def image(self, lod: int = 0, size: tuple[int, int] | None = None) -> np.ndarray:
+        """The picture at level of detail ``lod``, ``(H, W, C)`` float32 in ``[0, 1]``, on
+        that level's own grid or rendered at ``size = (H, W)`` (image models)."""
+        from .extract import render_image
+
+        if self.kind != "image":
+            raise MinerError(f"image() is for image models; this one is an {self.kind} model")
+        out = render_image(self.core, self._check_lod(lod), size, np.float32)
+        return out[..., None] if out.ndim == 2 else out
+
+    def volume(self, lod: int = 0) -> np.ndarray:
+        """The dense volume at level of detail ``lod`` (volume models; not available yet)."""
+        raise MinerError(f"volume() is for volume models; this one is an {self.kind} model")
+
+    def evaluate(
+        self,
+        grid: OccupancyGrid | np.ndarray | None = None,
+        mesh: str | Path | None = None,
+        points: int = 1_000_000,
+        surface: int = 100_000,
+    ) -> dict[str, Any]:
+        """``miner3d eval``'s figures per level of detail (occupancy models): full-grid IoU
+        against ``grid``; point IoU, Chamfer distance and F-score against ``mesh`` (see
+        :mod:`miner3d.evaluate`)."""
+        from .evaluate import evaluate
+
+        if self.kind != "occupancy":
+            raise MinerError(
+                f"evaluate() is for occupancy models; this one is an {self.kind} model"
+            )
+        occupancy = grid.occupancy if isinstance(grid, OccupancyGrid) else grid
+        if occupancy is None and mesh is None:
+            raise MinerError("nothing to compare with: pass grid and/or mesh")
+        return evaluate(self.core, occupancy, mesh, points, surface)
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``model.safetensors`` atomically."""
+        return self.core.save(path)
+
+    def __repr__(self) -> str:
+        shape = "x".join(map(str, self.core.layout.shape))
+        return f"<miner3d.Model {self.kind} {shape}, {self.lods} lods, {self.n_params:,} params>"
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` returns: the model, the summary (``summary.json``'s keys), the history
+    (``metrics.csv``'s rows) and the run directory (``None`` without ``output``)."""
+
+    model: Model
+    summary: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    run_dir: Path | None = None
+
+
+def load(path: str | Path, device: str = "cpu") -> Model:
+    """A model written by ``miner3d fit`` (``model.safetensors``)."""
+    return Model(MinerModel.load(path, device))
+
+
+def voxelize(mesh: str | Path, resolution: int = 128, **options: Any) -> OccupancyGrid:
+    """A solid occupancy grid of a mesh file (see :func:`miner3d.voxelizer.voxelize_file` for
+    ``method``, ``cube``, ``margin``, ``max_memory``)."""
+    from .voxelizer import voxelize_file
+
+    return voxelize_file(mesh, resolution, **options)
+
+
+def fit(
+    source: str | Path | OccupancyGrid | np.ndarray | None = None,
+    *,
+    kind: str | None = None,
+    preset: str | None = None,
+    config: str | Path | None = None,
+    output: str | Path | None = None,
+    force: bool = False,
+    max_memory: int | str | None = None,
+    progress: Progress | None = None,
+    banner: Callable[[str], None] | None = None,
+    **overrides: Any,
+) -> FitResult:
+    """Fit a model to a mesh, grid or image file, an :class:`OccupancyGrid`, or an array.
+
+    Args:
+        source: a path (the kind follows the extension), an :class:`OccupancyGrid`, or a
+            numpy array with an explicit ``kind`` (image ``(H, W)`` / ``(H, W, C)``; occupancy
+            ``(X, Y, Z)``). ``None``: the bundled Lucy.
+        kind: ``occupancy`` or ``image``: overrides the detection by extension.
+        preset, config: a preset name, or a YAML config file (default: by kind and device).
+        output: a run directory to write; ``None`` writes nothing to disk.
+        force: overwrite an existing run directory.
+        max_memory: memory budget (bytes or ``"8GB"``); the fit is refused before allocating.
+        progress: called with every history record.
+        banner: called once with a line describing the run.
+        **overrides: config fields, e.g. ``resolution=64``, ``lr=2e-3``, ``fit.n_scales=4``.
+    """
+    budget = None if max_memory is None else parse_size(max_memory)
+    signal_in, path, the_kind = _source(source, kind)
+    cfg = _config(the_kind, preset, config, overrides)
+    device = pick_device(cfg.device)  # before anything is written
+    run_dir = None
+    if output is not None:
+        run_dir = rundir.new_run_dir(Path(output), force)
+        rundir.write_yaml(run_dir / rundir.CONFIG, cfg.to_dict())
+    info = pipeline.run_info(source, path, the_kind)
+    if run_dir is not None:
+        rundir.write_json(run_dir / rundir.RUN, info)
+    model, summary, history = pipeline.run(
+        signal_in, path, the_kind, cfg, device, info, run_dir, None, budget, progress, banner
+    )
+    return FitResult(Model(model), summary, history, run_dir)
+
+
+def resume(
+    run_dir: str | Path,
+    *,
+    max_memory: int | str | None = None,
+    progress: Progress | None = None,
+    banner: Callable[[str], None] | None = None,
+) -> FitResult:
+    """Continue an interrupted run from its checkpoint (same input, same config)."""
+    run_dir = Path(run_dir)
+    info = rundir.read_run(run_dir)
+    path = Path(info["source"])
+    if not path.is_file():
+        raise MinerError(f"the input of {run_dir} is gone: {path}")
+    the_kind = get_kind(info.get("signal_kind") or kind_of_path(path))
+    cfg = build_config(config_file=run_dir / rundir.CONFIG)
+    device = pick_device(cfg.device)
+    ckpt = None
+    if (run_dir / rundir.CHECKPOINT).is_file():
+        ckpt = load_checkpoint(run_dir / rundir.CHECKPOINT)
+    budget = None if max_memory is None else parse_size(max_memory)
+    model, summary, history = pipeline.run(
+        None, path, the_kind, cfg, device, info, run_dir, ckpt, budget, progress, banner
+    )
+    return FitResult(Model(model), summary, history, run_dir)
+
+
+def effective_config(
+    source: Any = None,
+    kind: str | None = None,
+    preset: str | None = None,
+    config: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> RunConfig:
+    """The config :func:`fit` would use for these arguments (``fit --print-config``); reads
+    nothing but the config files."""
+    if source is None or isinstance(source, str | Path):
+        the_kind = get_kind(kind) if kind else kind_of_path(Path(source or default_mesh()))
+    else:
+        the_kind = get_kind(kind or "occupancy")
+    return _config(the_kind, preset, config, overrides or {})
+
+
+def _config(kind: Kind, preset: str | None, config: Any, overrides: dict[str, Any]) -> RunConfig:
+    values = {override_key(k): v for k, v in overrides.items()}
+    if preset is None and config is None:
+        import torch
+
+        cuda = values.get("device", "auto") != "cpu" and torch.cuda.is_available()
+        preset = default_preset(kind.name, cuda)
+    return build_config(preset, config, values)
+
+
+def _source(source: Any, kind: str | None) -> tuple[Signal | None, Path | None, Kind]:
+    """The input as (an in-memory signal or a path to read, its kind)."""
+    if source is None:
+        source = default_mesh()
+    if isinstance(source, str | Path):
+        path = Path(source)
+        if not path.exists():
+            raise MinerError(f"input not found: {path}")
+        return None, path, get_kind(kind) if kind else kind_of_path(path)
+    if isinstance(source, OccupancyGrid):
+        the_kind = get_kind(kind or "occupancy")
+        if the_kind is not OCCUPANCY:
+            raise MinerError("an OccupancyGrid is an occupancy signal")
+        info = {"kind": "grid", "grid_shape": list(source.shape)}
+        return Signal(source.occupancy[None], the_kind, 1.0, source.transform, info), None, the_kind
+    if isinstance(source, np.ndarray):
+        if kind is None:
+            raise MinerError(
+                f"an array of shape {source.shape} is ambiguous: pass kind='image' "
+                "((H, W) or (H, W, C)) or kind='occupancy' ((X, Y, Z))"
+            )
+        the_kind = get_kind(kind)
+        data = the_kind.as_signal(source)
+        scale = value_scale(data.dtype)
+        info = {"kind": "array", "dtype": str(data.dtype), "shape": list(data.shape)}
+        return Signal(data, the_kind, scale, None, info), None, the_kind
+    raise MinerError(f"cannot fit a {type(source).__name__}: give a path, a grid or an array")

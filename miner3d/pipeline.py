@@ -1,0 +1,238 @@
+"""One run, end to end: read the input, check the memory, fit, write the run directory.
+
+:func:`run` is what :func:`miner3d.api.fit` and :func:`miner3d.api.resume` do once the
+input, its kind and the config are settled. Ctrl-C (SIGINT) asks the fit to checkpoint and
+stop; a second one interrupts at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import platform
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import rundir
+from .checkpoint import Checkpoint, save_checkpoint
+from .config import RunConfig
+from .errors import FitInterrupted
+from .grid import OccupancyGrid
+from .io import file_sha256
+from .kinds import Kind, Signal, read_signal
+from .memory import peak_rss, preflight
+from .metrics import time_to
+from .model import MinerModel
+from .train import fit as train_fit
+
+Progress = Callable[[dict[str, Any]], None]
+
+
+def run_info(source: Any, path: Path | None, kind: Kind) -> dict[str, Any]:
+    """``run.json``: where the input came from."""
+    if path is not None:
+        input_kind = (
+            "image" if kind.name == "image" else ("grid" if path.suffix == ".npz" else "mesh")
+        )
+        sha = file_sha256(path)
+        return {
+            "source": str(path.resolve()),
+            "sha256": sha,
+            "kind": input_kind,
+            "signal_kind": kind.name,
+        }
+    grid = isinstance(source, OccupancyGrid)
+    data = source.occupancy if grid else np.ascontiguousarray(source)
+    sha = hashlib.sha256(memoryview(data).cast("B")).hexdigest()
+    input_kind = "grid" if grid else "array"
+    return {"source": "<array>", "sha256": sha, "kind": input_kind, "signal_kind": kind.name}
+
+
+class StopFlag:
+    """SIGINT sets the flag (the fit checkpoints and stops at the next iteration); a second
+    SIGINT interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        def handler(signum, frame):
+            if self.requested:
+                raise KeyboardInterrupt
+            self.requested = True
+
+        try:
+            self._previous = signal.signal(signal.SIGINT, handler)
+        except ValueError:  # not the main thread
+            self._previous = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def estimate_fit_bytes(
+    padded_samples: int, channels: int, ndim: int, signal_bytes: int, fit
+) -> int:
+    """Peak bytes of a fit (see :func:`miner3d.train.fit`): the signal held in memory
+    (``signal_bytes``, 0 for a memory map), the float16 residual fields of scales >= 1
+    (``2 / (2^d - 1)`` bytes per sample and channel) with scale 1's cached targets
+    (``2 / 2^d`` at most), one chunk of activations, and 256 MiB for torch itself. The MLP
+    banks are not counted (their size depends on how much the fit prunes)."""
+    coarse = 2 / (2**ndim - 1) + (2 / 2**ndim if fit.n_scales > 1 else 0)
+    activations = fit.batch_samples * (3 * fit.hidden_layers + 2) * max(fit.hidden, channels) * 4
+    return int(signal_bytes + padded_samples * channels * coarse + activations) + 256 * 2**20
+
+
+def _preflight(sig: Signal, cfg: RunConfig, max_memory: int | None) -> None:
+    from .blocks import BlockLayout
+
+    layout = BlockLayout(sig.shape, cfg.fit.block, cfg.fit.n_scales)
+    held = 0 if isinstance(sig.data, np.memmap) else sig.data.nbytes
+    padded = math.prod(layout.padded)
+    needed = estimate_fit_bytes(padded, sig.channels, len(sig.shape), held, cfg.fit)
+    hint = ""
+    if sig.kind.name == "occupancy":
+        fits = cfg.resolution
+        while fits > 16 and needed * (fits / cfg.resolution) ** 3 > (max_memory or needed):
+            fits //= 2
+        if fits != cfg.resolution:
+            hint = f"try --resolution {fits}"
+    preflight(f"fitting {'x'.join(map(str, sig.shape))} samples", needed, max_memory, hint)
+
+
+def run(
+    sig: Signal | None,
+    path: Path | None,
+    kind: Kind,
+    cfg: RunConfig,
+    device,
+    info: dict[str, Any],
+    run_dir: Path | None,
+    ckpt: Checkpoint | None,
+    max_memory: int | None,
+    progress: Progress | None,
+    banner: Callable[[str], None] | None,
+) -> tuple[MinerModel, dict[str, Any], list[dict[str, Any]]]:
+    """Read the input (unless ``sig`` is given), fit, and write the run directory (if any):
+    the body of :func:`miner3d.api.fit` and :func:`miner3d.api.resume`. Returns the model,
+    the summary (``summary.json``) and the history. Peak memory: the larger of the reading
+    stage's (see :func:`miner3d.kinds.read_signal`) and the fit's (see
+    :func:`miner3d.train.fit`), then one level of detail at a time for the outputs."""
+    import torch
+
+    t_start = time.perf_counter()
+    previous = 0.0 if ckpt is None else float(ckpt.state.get("elapsed", 0.0))
+    threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()
+    if banner is not None:
+        where = f" -> {run_dir}" if run_dir is not None else ""
+        at = ""
+        if ckpt is not None:
+            at = f" | resuming at scale {ckpt.state['scale']}, iteration {ckpt.state['iteration']}"
+        banner(
+            f"miner3d fit {path or '<array>'}{where} | preset {cfg.preset} | {device.type} "
+            f"({name}{threads}) | torch {torch.__version__}{at}"
+        )
+    t0 = time.perf_counter()
+    if sig is None:
+        grid_cache = None if run_dir is None else run_dir / rundir.GRID
+        sig = read_signal(
+            path,
+            kind,
+            resolution=cfg.resolution,
+            voxelizer=cfg.voxelizer,
+            cube=cfg.cube,
+            margin=cfg.margin,
+            grid_cache=grid_cache,
+            max_memory=max_memory,
+        )
+    load_seconds = time.perf_counter() - t0
+    _preflight(sig, cfg, max_memory)
+
+    history: list[dict[str, Any]] = []
+
+    def on_record(record: dict[str, Any]) -> None:
+        history.append(record)
+        if progress is not None:
+            progress(record)
+
+    def on_checkpoint(state: Checkpoint) -> None:
+        save_checkpoint(run_dir / rundir.CHECKPOINT, state)
+        rundir.write_metrics_csv(run_dir / rundir.METRICS, state.state["history"])
+
+    meta = {"source": info["source"], "source_sha256": info["sha256"], **sig.info}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with StopFlag() as flag:
+        try:
+            result = train_fit(
+                sig.data,
+                cfg.fit,
+                kind=kind,
+                value_scale=sig.value_scale,
+                transform=sig.transform,
+                device=device,
+                callback=on_record,
+                meta=meta,
+                checkpoint=None if run_dir is None else on_checkpoint,
+                checkpoint_seconds=60 * cfg.checkpoint_minutes,
+                resume=ckpt,
+                stop_requested=lambda: flag.requested,
+            )
+        except FitInterrupted as exc:
+            hint = f"; continue with: miner3d fit --resume {run_dir}" if run_dir else ""
+            raise FitInterrupted(
+                f"{exc}; checkpoint saved{hint}" if run_dir else str(exc)
+            ) from None
+    model = result.model
+    t0 = time.perf_counter()
+    outputs: list[str] = []
+    if run_dir is not None:
+        model_bytes = model.save(run_dir / rundir.MODEL).stat().st_size
+        rundir.write_metrics_csv(run_dir / rundir.METRICS, result.history)
+        outputs, meshes = rundir.write_levels(model, kind, run_dir, cfg.mesh_scales)
+        outputs += rundir.write_pictures(model, run_dir, result.history, meshes)
+    else:
+        model_bytes = model.nbytes_on_disk()
+    ssim = None
+    if kind.name == "image":
+        from .evaluate import image_ssim
+
+        ssim = image_ssim(model, sig.data, sig.value_scale)
+    output_seconds = time.perf_counter() - t0
+    samples = math.prod(sig.shape) * sig.channels
+    reference = kind.reference_bytes(samples, sig.data.dtype.itemsize)
+    summary = {
+        "input": info,
+        "preset": cfg.preset,
+        "device": f"{device.type} ({name})",
+        "shape": list(sig.shape),
+        **result.summary,
+        f"seconds_to_{kind.metric}": time_to(result.history, kind.metric, kind.thresholds),
+        **({"ssim": ssim} if kind.name == "image" else {}),
+        "model_bytes": model_bytes,
+        "compression_ratio": reference / model_bytes,
+        "compared_with": kind.reference,
+        "seconds_load": round(load_seconds, 3),
+        "seconds_fit": result.summary["seconds"],
+        "seconds_outputs": round(output_seconds, 3),
+        "seconds_total": round(previous + time.perf_counter() - t_start, 3),
+        "peak_rss_bytes": peak_rss(),
+        "peak_gpu_bytes": torch.cuda.max_memory_allocated(device)
+        if device.type == "cuda"
+        else None,
+        "outputs": outputs,
+        "versions": rundir.versions(),
+    }
+    if run_dir is not None:
+        rundir.write_json(run_dir / rundir.SUMMARY, summary)
+        (run_dir / rundir.CHECKPOINT).unlink(missing_ok=True)
+    return model, summary, result.history

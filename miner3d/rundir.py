@@ -1,0 +1,220 @@
+"""The files of a run directory, and the schema of ``summary.json``, in one place.
+
+A run directory holds::
+
+    config.yaml            the effective config (preset + overrides), written first
+    run.json               the input (path, SHA-256, kind) so --resume finds it again
+    grid.npz               the voxelized input (meshes), reused by --resume
+    checkpoint.safetensors written at every scale switch and every few minutes, atomically;
+                           removed when the fit completes
+    model.safetensors      the fitted model (tensors + JSON metadata)
+    metrics.csv            one row per logged event: time, scale, iteration, loss, blocks, IoU
+    summary.json           the figures of the run (:data:`SUMMARY_KEYS`)
+    mesh_scale<j>.ply      (occupancy) the surface at each level of detail, input coordinates
+    recon_scale<j>.png     (images) the reconstruction at each level of detail
+    levels.png, history.png  pictures: every level of detail; quality against time
+
+Nothing is overwritten without ``force``; every file is written atomically. Keys of
+``summary.json`` keep their names and meanings; later versions only add keys.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import MinerError
+from .io import atomic_write
+
+CONFIG = "config.yaml"
+RUN = "run.json"
+GRID = "grid.npz"
+CHECKPOINT = "checkpoint.safetensors"
+MODEL = "model.safetensors"
+METRICS = "metrics.csv"
+SUMMARY = "summary.json"
+
+SUMMARY_KEYS: dict[str, str] = {
+    "input": "the input: source path (or '<array>'), sha256, kind (mesh, grid, image, array)",
+    "preset": "the preset the config started from",
+    "device": "the device the fit ran on, e.g. 'cpu (x86_64)'",
+    "shape": "the signal's spatial shape",
+    "seconds": "the fit's wall time (over every session of a resumed run)",
+    "finest_scale_fitted": "the finest scale fitted (0 unless a time limit stopped the fit)",
+    "stopped": "done, time_limit or target",
+    "params": "parameters of every MLP of the model",
+    "scale_seconds": "{scale: seconds spent fitting it}",
+    "scales": "{scale: quality at that level of detail}, e.g. {'iou': ..., 'iou_04': ...}",
+    "mlp_blocks": "{scale: blocks with an MLP}",
+    "blocks": "{scale: blocks of the scale}",
+    "iou": "occupancy: full-grid IoU at threshold 0.5 of the finest level fitted",
+    "iou_04": "occupancy: the same at threshold 0.4 (as the official MINER code reports)",
+    "psnr": "images: PSNR in dB of the finest level fitted",
+    "ssim": "images: SSIM of the finest level (null for images over 16 M samples)",
+    "seconds_to_iou": "occupancy: {threshold: first second the IoU reached it, or null}",
+    "seconds_to_psnr": "images: {threshold in dB: first second the PSNR reached it, or null}",
+    "model_bytes": "bytes of model.safetensors",
+    "compression_ratio": "reference bytes / model bytes (> 1: the model is smaller)",
+    "compared_with": "the reference of compression_ratio: bit-packed grid or raw samples",
+    "seconds_load": "seconds to read (and voxelize) the input",
+    "seconds_fit": "= seconds",
+    "seconds_outputs": "seconds to write meshes, pictures and metrics",
+    "seconds_total": "wall time of the whole run, every session of a resumed run included",
+    "peak_rss_bytes": "peak resident memory of the (last) process",
+    "peak_gpu_bytes": "peak CUDA memory allocated, or null",
+    "outputs": "the files written per level of detail and the pictures",
+    "versions": "{miner3d, torch, numpy, python}",
+}
+
+METRIC_COLUMNS = (
+    "time",
+    "event",
+    "scale",
+    "iteration",
+    "loss",
+    "live_blocks",
+    "mlp_blocks",
+    "blocks",
+    "params",
+    "iou",
+    "iou_04",
+    "psnr",
+)
+
+
+def write_json(path: Path, data: Any) -> None:
+    """JSON, indented, atomically (numpy scalars and non-finite floats made plain)."""
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def write_yaml(path: Path, data: dict[str, Any]) -> None:
+    """YAML, in the dict's order, atomically."""
+    import yaml
+
+    with atomic_write(path) as tmp:
+        tmp.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def write_metrics_csv(path: Path, history: list[dict[str, Any]]) -> None:
+    """One row per history record, the columns of :data:`METRIC_COLUMNS`, atomically."""
+    with atomic_write(path) as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(history)
+
+
+def default_run_dir(stem: str) -> Path:
+    """``runs/<stem>-<local time>``."""
+    return Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def new_run_dir(output: Path, force: bool) -> Path:
+    """Create (or, with ``force``, reuse) a run directory; a clear error if it exists with
+    something in it, is a file, or cannot be written."""
+    if output.exists() and not output.is_dir():
+        raise MinerError(f"{output} exists and is not a directory")
+    if output.exists() and any(output.iterdir()) and not force:
+        raise MinerError(
+            f"run directory {output} exists; pass --resume {output} to continue "
+            "it or --force to overwrite it"
+        )
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        probe = output / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise MinerError(f"cannot write to {output}: {exc.strerror or exc}") from None
+    if force:
+        for stale in (GRID, CHECKPOINT, MODEL):
+            (output / stale).unlink(missing_ok=True)
+    return output
+
+
+def read_run(run_dir: Path) -> dict[str, Any]:
+    """``run.json`` of a run to resume; a clear error if ``run_dir`` is not a run, or is
+    complete."""
+    run_file = run_dir / RUN
+    if not run_file.is_file():
+        raise MinerError(f"{run_dir} is not a miner3d run directory (no {RUN})")
+    if not (run_dir / CHECKPOINT).is_file() and (run_dir / MODEL).is_file():
+        raise MinerError(f"{run_dir} is complete; nothing to resume")
+    try:
+        return json.loads(run_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise MinerError(f"could not read {run_file}: {exc}") from None
+
+
+def write_levels(model, kind, run_dir: Path, which: str) -> tuple[list[str], dict]:
+    """A mesh (occupancy) or a picture (image) per level of detail: ``which`` is ``all``,
+    ``finest`` or ``none``. Returns the names written (or why a level has none) and the
+    meshes ``{scale: (vertices, faces)}`` for the pictures. Memory: one level at a time
+    (see :func:`miner3d.extract.marching_cubes` and :func:`miner3d.extract.render_image`)."""
+    from .extract import marching_cubes, save_image, save_mesh
+
+    scales = {"all": list(range(model.layout.n_scales)), "finest": [0], "none": []}[which]
+    written, meshes = [], {}
+    for j in scales:
+        if kind.lod_output == "mesh":
+            try:
+                vertices, faces = marching_cubes(model, scale=j)
+            except MinerError as exc:  # this level of detail has no surface
+                written.append(f"(no mesh at scale {j}: {exc})")
+                continue
+            written.append(save_mesh(vertices, faces, run_dir / f"mesh_scale{j}.ply").name)
+            meshes[j] = (vertices, faces)
+        else:
+            written.append(save_image(model, run_dir / f"recon_scale{j}.png", j).name)
+    return written, meshes
+
+
+def write_pictures(model, run_dir: Path, history: list[dict[str, Any]], meshes: dict) -> list[str]:
+    """``levels.png`` (every level of detail beside its blocks) and ``history.png`` (quality
+    against time). A picture that cannot be drawn (no OpenGL) is reported, not fatal."""
+    from .viz import plot_history, render_image_levels, render_levels
+
+    written = []
+    try:
+        if model.layout.ndim == 3:
+            render_levels(model, run_dir / "levels.png", meshes=meshes)
+        else:
+            render_image_levels(model, run_dir / "levels.png")
+        written.append("levels.png")
+    except Exception as exc:  # a missing display library must not lose the fit
+        written.append(f"(levels.png not drawn: {type(exc).__name__}: {exc})")
+    try:
+        plot_history(history, run_dir / "history.png")
+        written.append("history.png")
+    except Exception as exc:  # as above
+        written.append(f"(history.png not drawn: {type(exc).__name__}: {exc})")
+    return written
+
+
+def versions() -> dict[str, str]:
+    """The versions ``summary.json`` records."""
+    import torch
+
+    from .version import __version__
+
+    return {
+        "miner3d": __version__,
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }

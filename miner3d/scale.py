@@ -1,0 +1,201 @@
+"""The typed state of the scale being fitted, and what one iteration does to it.
+
+:class:`ScaleState` is everything a checkpoint saves of a scale in progress (its tensors under
+``current.``, see :mod:`miner3d.checkpoint`) plus the caches rebuilt from the signal when a fit
+resumes (targets, masks of the blocks that reach into the padding, the pruned blocks' metric
+sums). :meth:`ScaleState.step` runs forward and backward over the active blocks;
+:meth:`ScaleState.freeze` takes blocks that reached ``freeze_mse`` out of the optimisation
+with their Adam state (prune during).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from .bank import BankAdam, BankShape, MLPBank
+from .checkpoint import CURRENT, Checkpoint, prefixed
+from .metrics import MetricSums
+from .targets import Residuals, ScaleTargets, compact
+
+
+@dataclass
+class ScaleState:
+    """The state of scale :attr:`scale` during its fit."""
+
+    scale: int
+    ids: torch.Tensor
+    """``(n,)`` ids of every block of the scale that has an MLP (rows of ``final``)."""
+    final: list[torch.Tensor]
+    """Parameters of every such block (frozen rows final, active rows set by :meth:`bank`)."""
+    opt: BankAdam
+    """Adam over the active rows' bank."""
+    active: torch.Tensor
+    """``(m,)`` rows of ``final`` still optimised."""
+    live_ids: torch.Tensor
+    """``(m,)`` block ids of the active rows."""
+    targets: torch.Tensor | None
+    """``(m, C, b^d)`` float16 targets of the active rows, or ``None`` (recomputed)."""
+    partial_ids: torch.Tensor
+    """Sorted ids of live blocks that reach into the padding (the loss masks them)."""
+    partial_masks: torch.Tensor
+    """``(k, b^d)`` bool, real samples of each of ``partial_ids``."""
+    pruned_sums: MetricSums
+    """Scale 0: metric sums of the blocks without an MLP."""
+    frozen_sums: MetricSums = field(default_factory=MetricSums)
+    """Scale 0: metric sums of the frozen blocks."""
+    frozen_mse: float = 0.0
+    """Sum of the frozen blocks' last MSEs."""
+    window_loss: float | None = None
+    """The loss at the start of the current plateau window."""
+    iteration: int = 0
+
+    @classmethod
+    def start(cls, j: int, targets: ScaleTargets, bank: MLPBank, lr: float) -> ScaleState:
+        """A fresh scale: every live block active, Adam at step 0."""
+        ids = targets.ids
+        final = [p.detach().clone() for p in bank.params]
+        active = torch.arange(len(ids), device=ids.device)
+        return cls(
+            j,
+            ids,
+            final,
+            BankAdam(bank, lr),
+            active,
+            ids,
+            targets.cache,
+            targets.partial_ids,
+            targets.partial_masks,
+            targets.pruned_sums,
+        )
+
+    @classmethod
+    def resume(
+        cls,
+        j: int,
+        targets: ScaleTargets,
+        ckpt: Checkpoint,
+        shape: BankShape,
+        device: torch.device,
+    ) -> ScaleState:
+        """The scale as a checkpoint written mid-scale left it (``targets`` rebuilt)."""
+        state, current = ckpt.state, ckpt.section(CURRENT)
+        bank = MLPBank.from_state_dict(shape, current, device)
+        opt = BankAdam(bank, float(state["adam_lr"]))
+        opt.load_state_dict(current, state["adam_step"], state["adam_lr"])
+        final = [current[f"final{i}"].to(device) for i in range(len(bank.params))]
+        active = current["active"].to(device)
+        cache = targets.cache
+        if cache is not None and len(active) < len(cache):
+            cache = compact(cache, active)
+        ids = targets.ids
+        st = cls(
+            j,
+            ids,
+            final,
+            opt,
+            active,
+            ids[active],
+            cache,
+            targets.partial_ids,
+            targets.partial_masks,
+            targets.pruned_sums,
+        )
+        st.frozen_sums = MetricSums(**state["frozen_sums"])
+        st.frozen_mse = float(state["frozen_mse"])
+        st.window_loss = state["window_loss"]
+        st.iteration = int(state["iteration"])
+        return st
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors a checkpoint saves, under ``current.``."""
+        tensors = prefixed(CURRENT, self.opt.bank.state_dict())
+        tensors.update(prefixed(CURRENT, self.opt.state_dict()))
+        tensors.update({f"{CURRENT}final{i}": f for i, f in enumerate(self.final)})
+        tensors[f"{CURRENT}active"] = self.active
+        return tensors
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """The JSON fields a checkpoint saves."""
+        return {
+            "iteration": self.iteration,
+            "adam_step": self.opt.step_count,
+            "adam_lr": self.opt.lr,
+            "frozen_mse": self.frozen_mse,
+            "frozen_sums": asdict(self.frozen_sums),
+            "window_loss": self.window_loss,
+        }
+
+    def step(
+        self,
+        residuals: Residuals,
+        coords: torch.Tensor,
+        pick: torch.Tensor | None,
+        batch_samples: int,
+    ) -> torch.Tensor:
+        """Forward and backward over the active blocks at local coordinates ``coords[pick]``
+        in chunks of ``batch_samples`` samples (activations bounded by the chunk); returns
+        every active block's MSE over its real samples ``(m,)``. Gradients accumulate in the
+        bank; every block's gradient is its own."""
+        bank = self.opt.bank
+        n = len(self.active)
+        channels = bank.shape.out_features
+        coords = coords if pick is None else coords[pick]
+        chunk = max(1, batch_samples // coords.shape[0])
+        losses = []
+        for start in range(0, n, chunk):
+            rows = slice(start, min(start + chunk, n))
+            cache = None if self.targets is None else self.targets[rows]
+            target = residuals.at(self.scale, self.live_ids[rows], cache, pick)
+            out = bank.forward(coords, rows=None if chunk >= n else rows).transpose(1, 2)
+            err2 = (out - target).square()
+            block_mse = err2.flatten(1).mean(dim=1)
+            if len(self.partial_ids):  # blocks reaching into the padding: real samples only
+                ids = self.live_ids[rows]
+                at = torch.nonzero(torch.isin(ids, self.partial_ids)).squeeze(1)
+                if len(at):
+                    masks = self.partial_masks[torch.searchsorted(self.partial_ids, ids[at])]
+                    if pick is not None:
+                        masks = masks[:, pick]
+                    real = masks.sum(dim=1).clamp(min=1) * channels
+                    sse = (err2[at] * masks.unsqueeze(1)).flatten(1).sum(dim=1)
+                    block_mse = block_mse.index_put((at,), sse / real)
+            block_mse.sum().backward()
+            losses.append(block_mse.detach())
+        return torch.cat(losses) if losses else torch.zeros(0, device=coords.device)
+
+    def freeze(self, block_mse: torch.Tensor, freeze_mse: float, residuals: Residuals) -> None:
+        """Active blocks whose MSE ``(m,)`` reached ``freeze_mse`` leave the optimisation with
+        their Adam state; at scale 0 their quality is measured once and kept."""
+        done = block_mse <= freeze_mse
+        if not done.any():
+            return
+        for f, p in zip(self.final, self.opt.bank.params, strict=True):
+            f[self.active[done]] = p.detach()[done]
+        if self.scale == 0:
+            rows = torch.nonzero(done).squeeze(1)
+            frozen = residuals.live_sums(self.opt.bank, rows, self.live_ids[done])
+            self.frozen_sums = self.frozen_sums.add(frozen)
+        self.frozen_mse += float(block_mse[done].sum())
+        keep = torch.nonzero(~done).squeeze(1)
+        self.opt.keep(keep)
+        self.active = self.active[keep]
+        self.live_ids = self.live_ids[keep]
+        if self.targets is not None:
+            self.targets = compact(self.targets, keep)
+
+    def live_metrics(self, residuals: Residuals) -> MetricSums:
+        """Scale 0: metric sums of the whole reconstruction as it stands (pruned, frozen and
+        active blocks)."""
+        rows = torch.arange(len(self.active), device=self.active.device)
+        live = residuals.live_sums(self.opt.bank, rows, self.live_ids)
+        return self.pruned_sums.add(self.frozen_sums).add(live)
+
+    def bank(self) -> MLPBank:
+        """The scale's finished bank: every live block's parameters, in the order of
+        :attr:`ids`."""
+        for f, p in zip(self.final, self.opt.bank.params, strict=True):
+            f[self.active] = p.detach()
+        return MLPBank(self.opt.bank.shape, self.final)

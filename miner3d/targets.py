@@ -1,0 +1,183 @@
+"""What one scale is fitted to: residual targets, pruning before, and the live measurement.
+
+:class:`Residuals` reads the signal (:class:`~miner3d.source.SignalSource`) and the coarser
+scales of the model being fitted, block batch by block batch:
+
+* :meth:`Residuals.scale` streams every block of a scale once: its residual (the box-filtered
+  signal ``G_j`` minus the coarser scales' sum; ``G_j`` itself for the Gaussian ablation), the
+  pruning decision (mean squared residual over the block's real samples at most
+  ``prune_mse``, or no real sample at all: no MLP), the float16 target cache when it fits
+  ``cache_targets``, and the masks of the live blocks that reach into the padding;
+* :meth:`Residuals.at` gives the targets of some blocks at some samples, from the cache or
+  recomputed from the signal and the coarser fields at exactly those samples;
+* :meth:`Residuals.live_sums` measures blocks under training against the full-resolution
+  signal (the trainer's quality figures during the finest scale).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .bank import MLPBank
+from .blocks import local_coordinates
+from .config import FitConfig
+from .metrics import MetricSums, block_sums
+from .model import MinerModel
+from .source import SignalSource
+
+
+@dataclass
+class ScaleTargets:
+    """The outcome of streaming one scale (see :meth:`Residuals.scale`)."""
+
+    ids: torch.Tensor
+    """``(m,)`` sorted ids of the blocks that get an MLP."""
+    cache: torch.Tensor | None
+    """``(m, C, b^d)`` float16 targets, or ``None`` (recomputed at each iteration)."""
+    pruned_sums: MetricSums
+    """Scale 0 only: the metric sums of the pruned blocks (their value is the coarser sum)."""
+    partial_ids: torch.Tensor
+    """Sorted ids of live blocks that reach into the padding."""
+    partial_masks: torch.Tensor
+    """``(k, b^d)`` bool, the real samples of each of ``partial_ids``."""
+
+
+class Residuals:
+    """Targets and measurements of the scales of ``model`` against ``source``.
+
+    Args:
+        model: the model being fitted (its coarser scales are read).
+        source: the signal, on the model's layout.
+        config: the fit's config (block, pruning, cache size).
+        iou: the signal is binary (IoU is counted).
+        batch_blocks: blocks per streamed batch.
+    """
+
+    def __init__(
+        self,
+        model: MinerModel,
+        source: SignalSource,
+        config: FitConfig,
+        iou: bool,
+        batch_blocks: int,
+    ):
+        self.model, self.source, self.config = model, source, config
+        self.layout = model.layout
+        self.iou = iou
+        self.batch_blocks = batch_blocks
+        self.channels = model.channels
+        self.d = self.layout.ndim
+        self.device = model.device
+        self.coords = local_coordinates(config.block, self.d, self.device)
+
+    def scale(self, j: int) -> ScaleTargets:
+        """Stream every block of scale ``j`` once (see the module doc). Deterministic given
+        the coarser scales, so a resumed fit rebuilds it instead of storing it. Memory: the
+        target cache (at most ``cache_targets`` bytes) and one batch of blocks."""
+        c, layout, model = self.config, self.layout, self.model
+        n, per_block = layout.n_blocks(j), c.block**self.d
+        live_ids, partial_ids, partial_masks = [], [], []
+        cache = None
+        if n * self.channels * per_block * 2 <= c.cache_targets:
+            # room for every block; only the rows written are ever touched (resident)
+            cache = torch.empty(
+                (n, self.channels, per_block), dtype=torch.float16, device=self.device
+            )
+        filled = 0
+        pruned = MetricSums()
+        for start in range(0, n, self.batch_blocks):
+            ids = torch.arange(start, min(start + self.batch_blocks, n), device=self.device)
+            level = self.source.level_blocks(j, layout.unravel(j, ids))
+            if j < c.n_scales - 1:
+                base = model.evaluate_blocks(j, ids, from_scale=j + 1)
+            else:
+                base = torch.zeros_like(level)
+            residual = level - base
+            mask = layout.valid_mask(j, ids)  # None: no padding at this scale
+            if mask is None:
+                live = residual.square().flatten(1).mean(dim=1) > c.prune_mse
+            else:  # real samples only; a block wholly in the padding gets no MLP
+                real = mask.flatten(1).sum(dim=1)
+                sse = (residual.square() * mask.unsqueeze(1)).flatten(1).sum(dim=1)
+                live = (sse / (real.clamp(min=1) * self.channels) > c.prune_mse) & (real > 0)
+                partial = live & (real < per_block)
+                partial_ids.append(ids[partial])
+                partial_masks.append(mask[partial].flatten(1))
+            live_ids.append(ids[live])
+            if cache is not None:
+                kept = (level if model.gaussian else residual)[live].flatten(2)
+                cache[filled : filled + len(kept)] = kept
+                filled += len(kept)
+            if j == 0:  # a pruned block's value is the coarser scales' sum
+                dead = ~live
+                dead_mask = None if mask is None else mask[dead]
+                pruned = pruned.add(block_sums(base[dead], level[dead], dead_mask, self.iou))
+        if cache is not None:
+            cache = cache[:filled]  # the unfilled rows were never touched
+        no_ids = torch.zeros(0, dtype=torch.long, device=self.device)
+        no_masks = torch.zeros((0, per_block), dtype=torch.bool, device=self.device)
+        return ScaleTargets(
+            torch.cat(live_ids),
+            cache,
+            pruned,
+            torch.cat(partial_ids) if partial_ids else no_ids,
+            torch.cat(partial_masks) if partial_masks else no_masks,
+        )
+
+    def local(self, flat: torch.Tensor) -> torch.Tensor:
+        """Flat sample indices inside a block ``(P,)`` -> integer positions ``(P, d)``."""
+        b = self.config.block
+        return torch.stack(
+            [
+                torch.div(flat, b ** (self.d - 1 - a), rounding_mode="floor") % b
+                for a in range(self.d)
+            ],
+            dim=1,
+        )
+
+    def at(
+        self,
+        j: int,
+        ids: torch.Tensor,
+        cache: torch.Tensor | None,
+        pick: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Targets ``(m, C, P)`` of blocks ``ids`` of scale ``j`` at the samples ``pick``
+        ``(P,)`` (all if None): from ``cache`` (their rows ``(m, C, b^d)``), or from the signal
+        minus the coarser scales' sum at exactly those samples (memory per sample asked)."""
+        if cache is not None:
+            return (cache if pick is None else cache[:, :, pick]).float()
+        flat = torch.arange(self.coords.shape[0], device=self.device) if pick is None else pick
+        local = self.local(flat)
+        level = self.source.values_at(j, ids, local)
+        if self.model.gaussian:
+            return level
+        return level - self.model.coarser_samples(j, ids, local)
+
+    @torch.no_grad()
+    def live_sums(self, bank: MLPBank, rows: torch.Tensor, ids: torch.Tensor) -> MetricSums:
+        """Metric sums at scale 0 of blocks ``ids`` whose MLPs are rows ``rows`` of ``bank``,
+        streamed block batch by block batch (their outputs on every sample, plus the coarser
+        scales' sum, against the full-resolution signal; real samples only)."""
+        layout, b, d = self.layout, self.config.block, self.d
+        sums = MetricSums()
+        for start in range(0, len(ids), self.batch_blocks):
+            part = ids[start : start + self.batch_blocks]
+            out = bank.evaluate(self.coords, rows=rows[start : start + len(part)])
+            values = out.transpose(1, 2).reshape((len(part), self.channels) + (b,) * d)
+            if not self.model.gaussian:
+                values += self.model.evaluate_blocks(0, part, from_scale=1)
+            truth = self.source.level_blocks(0, layout.unravel(0, part))
+            sums = sums.add(block_sums(values, truth, layout.valid_mask(0, part), self.iou))
+        return sums
+
+
+def compact(rows: torch.Tensor, keep: torch.Tensor, step: int = 4096) -> torch.Tensor:
+    """``rows[keep]`` for sorted ``keep``, in place, a few rows at a time: never a second copy
+    of a large cache (a row moves only towards the front, past rows already moved)."""
+    for start in range(0, len(keep), step):
+        part = keep[start : start + step]
+        rows[start : start + len(part)] = rows[part]
+    return rows[: len(keep)]

@@ -1,0 +1,3 @@
+"""The version of miner3d (read by the build, see pyproject.toml)."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,96 @@
+"""The Python API, spelled exactly as the README documents it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import trimesh
+
+import miner3d
+
+
+@pytest.fixture(scope="module")
+def teapot_run(tmp_path_factory, meshes_dir):
+    out = tmp_path_factory.mktemp("api") / "teapot"
+    result = miner3d.fit(meshes_dir / "teapot.obj", resolution=64, output=out, mesh_scales="none")
+    return result, out
+
+
+def test_fit_load_query_mesh_as_documented(teapot_run, meshes_dir):
+    result, out = teapot_run
+    assert result.summary["iou"] >= 0.99 and result.run_dir == out
+    assert isinstance(result.model, miner3d.Model) and result.model.kind == "occupancy"
+    model = miner3d.load(out / "model.safetensors")
+    assert model.kind == "occupancy" and model.transform is not None
+    lo, hi = trimesh.load(meshes_dir / "teapot.obj", force="mesh").bounds
+    points = lo + np.random.default_rng(0).random((500, 3)) * (hi - lo)
+    values = model.query(points)
+    assert values.shape == (500, 1) and values.dtype == np.float32
+    np.testing.assert_allclose(values, result.model.query(points), atol=1e-6)
+    coarse = model.query(points, lod=1)
+    assert coarse.shape == (500, 1) and not np.allclose(coarse, values)
+    mesh = model.mesh(lod=0)
+    assert isinstance(mesh, trimesh.Trimesh) and mesh.is_watertight
+    np.testing.assert_allclose(mesh.bounds, [lo, hi], atol=0.05 * (hi - lo).max())
+    with pytest.raises(miner3d.MinerError, match="image models"):
+        model.image()
+    with pytest.raises(miner3d.MinerError, match="lod must be in"):
+        model.query(points, lod=7)
+
+
+def test_voxelize_returns_a_grid(meshes_dir):
+    grid = miner3d.voxelize(meshes_dir / "teapot.obj", 48)
+    assert isinstance(grid, miner3d.OccupancyGrid) and max(grid.shape) == 48
+    assert grid.occupancy.dtype == np.uint8 and 0 < grid.filled_fraction < 1
+
+
+def test_fit_without_output_writes_nothing(tmp_path, monkeypatch, meshes_dir):
+    monkeypatch.chdir(tmp_path)
+    grid = miner3d.voxelize(meshes_dir / "teapot.obj", 32)
+    result = miner3d.fit(grid, max_iters=60, n_scales=2)
+    assert result.run_dir is None and result.summary["model_bytes"] > 0
+    assert result.summary["input"] == {
+        "source": "<array>",
+        "sha256": result.summary["input"]["sha256"],
+        "kind": "grid",
+        "signal_kind": "occupancy",
+    }
+    assert list(tmp_path.iterdir()) == []
+    mesh = result.model.mesh()
+    assert len(mesh.faces) > 0
+
+
+def test_image_array_with_explicit_kind(tmp_path, monkeypatch):
+    from skimage import data
+
+    monkeypatch.chdir(tmp_path)
+    image = data.astronaut()[::4, ::4]  # (128, 128, 3) uint8, channels last
+    result = miner3d.fit(image, kind="image", max_iters=80, n_scales=2, block=16)
+    assert result.model.kind == "image" and result.summary["psnr"] > 20
+    picture = result.model.image(lod=0)
+    assert picture.shape == (128, 128, 3) and picture.dtype == np.float32
+    assert 0 <= picture.min() and picture.max() <= 1
+    assert result.model.image(lod=1).shape == (64, 64, 3)
+    gray = miner3d.fit(image[..., 0], kind="image", max_iters=20, n_scales=1, block=16)
+    assert gray.model.image().shape == (128, 128, 1)
+    with pytest.raises(miner3d.MinerError, match="occupancy models"):
+        result.model.mesh()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_ambiguous_array_is_a_clear_error():
+    with pytest.raises(miner3d.MinerError, match="ambiguous: pass kind="):
+        miner3d.fit(np.zeros((64, 64, 3), np.uint8))
+    with pytest.raises(miner3d.MinerError, match=r"\(H, W\) or \(H, W, C\)"):
+        miner3d.fit(np.zeros((4, 4, 4, 4), np.uint8), kind="image")
+    with pytest.raises(miner3d.MinerError, match="not available yet"):
+        miner3d.fit(np.zeros((8, 8, 8), np.float32), kind="volume")
+    with pytest.raises(miner3d.MinerError, match="unknown config field 'nonsense'"):
+        miner3d.fit(np.zeros((8, 8, 8), np.uint8), kind="occupancy", nonsense=1)
+
+
+def test_effective_config_follows_kind_and_overrides(meshes_dir):
+    config = miner3d.effective_config(meshes_dir / "lucy.ply", overrides={"lr": 5e-3})
+    assert config.preset in ("cpu", "lucy") and config.fit.lr == 5e-3
+    assert miner3d.effective_config("x.png").preset == "image"
+    assert miner3d.effective_config("x.png", kind="occupancy", preset="cpu").preset == "cpu"
