@@ -222,6 +222,8 @@ def resume(
     """Continue an interrupted run from its checkpoint (same input, same config)."""
     run_dir = Path(run_dir)
     info = rundir.read_run(run_dir)
+    if info.get("source") == "<array>":
+        raise MinerError(f"{run_dir} was fitted from an in-memory array; only files can be resumed")
     path = Path(info["source"])
     if not path.is_file():
         raise MinerError(f"the input of {run_dir} is gone: {path}")

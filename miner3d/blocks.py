@@ -1,4 +1,4 @@
-"""Block layout of every scale (octree in 3D, quadtree in 2D), gather and scatter.
+"""Block layout of every scale (octree in 3D, quadtree in 2D), and scattering into blocks.
 
 Every scale is cut into blocks of the same size ``b`` in samples, so the number of blocks
 doubles along each axis per finer scale and block ``c`` at scale ``j + 1`` is the parent of
@@ -6,8 +6,8 @@ blocks ``2 c + {0, 1}^d`` at scale ``j``. The full-resolution grid is padded up 
 of ``b * 2**(J - 1)`` on every axis (the padding is remembered: :attr:`BlockLayout.shape` is
 the signal's own shape).
 
-Blocks are addressed by a flat id per scale (C order over the block grid). Gathering and
-scattering work on a strided view ``(C, g0, b, g1, b, ...)`` of a field indexed with per-block
+Blocks are addressed by a flat id per scale (C order over the block grid). Scattering
+works on a strided view ``(C, g0, b, g1, b, ...)`` of a field indexed with per-block
 indices only: nothing per voxel of the whole grid is materialised.
 """
 
@@ -78,16 +78,6 @@ class BlockLayout:
         """Ids at scale ``j + 1`` of the parents of blocks ``ids`` at scale ``j``."""
         return self.ravel(j + 1, torch.div(self.unravel(j, ids), 2, rounding_mode="floor"))
 
-    def sample_positions(self, j: int, ids: torch.Tensor, at_scale: int) -> list[torch.Tensor]:
-        """:meth:`block_axis_positions` as ``d`` broadcastable tensors ``(n, b, 1, 1)``,
-        ``(n, 1, b, 1)``, ``(n, 1, 1, b)`` for :func:`pyramid.interpolate_at`."""
-        positions = []
-        for axis, q in enumerate(self.block_axis_positions(j, ids, at_scale)):
-            view = [q.shape[0]] + [1] * self.ndim
-            view[1 + axis] = self.block
-            positions.append(q.view(view))
-        return positions
-
     def block_axis_positions(self, j: int, ids: torch.Tensor, at_scale: int) -> list[torch.Tensor]:
         """Index positions, in scale ``at_scale``'s grid, of the voxel centres of blocks ``ids``
         of scale ``j`` (``at_scale >= j``): ``d`` tensors ``(n, b)``, one per axis (for
@@ -133,12 +123,6 @@ def _block_index(coords: torch.Tensor) -> tuple:
     for axis in range(coords.shape[1]):
         index += [coords[:, axis], slice(None)]
     return tuple(index)
-
-
-def gather_blocks(field: torch.Tensor, block: int, coords: torch.Tensor) -> torch.Tensor:
-    """Blocks of a field: ``(C, *S)`` and block coordinates ``(n, d)`` -> ``(n, C, b, ..., b)``
-    (a copy of just those blocks, in the field's dtype)."""
-    return _block_view(field, block)[_block_index(coords)]
 
 
 def scatter_blocks(

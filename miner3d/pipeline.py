@@ -199,7 +199,7 @@ def run(
         model_bytes = model.save(run_dir / rundir.MODEL).stat().st_size
         rundir.write_metrics_csv(run_dir / rundir.METRICS, result.history)
         outputs, meshes = rundir.write_levels(model, kind, run_dir, cfg.mesh_scales)
-        outputs += rundir.write_pictures(model, run_dir, result.history, meshes)
+        outputs += rundir.write_pictures(model, kind, run_dir, result.history, meshes)
     else:
         model_bytes = model.nbytes_on_disk()
     ssim = None

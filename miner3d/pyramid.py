@@ -1,7 +1,8 @@
 """Pyramid operators for d = 2 or 3, all in the cell-centred convention of :mod:`miner3d.grid`.
 
 * Downsampling by ``f`` is the box filter: the mean over each ``f^d`` cell (paper eqs. 9-10,
-  ``F.interpolate(mode='area')``).
+  ``F.interpolate(mode='area')``), computed per block by
+  :meth:`miner3d.source.SignalSource.level_blocks`.
 * Upsampling is linear interpolation with ``align_corners=False`` and clamped borders, exactly
   ``F.interpolate(mode='trilinear' | 'bilinear', align_corners=False)`` for integer factors.
   :func:`interpolate_at` evaluates it at any continuous positions (voxel centres of a finer
@@ -16,16 +17,6 @@ from __future__ import annotations
 import itertools
 
 import torch
-import torch.nn.functional as F
-
-_POOL = {2: F.avg_pool2d, 3: F.avg_pool3d}
-
-
-def box_downsample(x: torch.Tensor, factor: int) -> torch.Tensor:
-    """Mean over ``factor^d`` cells: ``(C, *S)`` -> ``(C, *S / factor)`` float32."""
-    if factor == 1:
-        return x.float()
-    return _POOL[x.ndim - 1](x.float().unsqueeze(0), factor).squeeze(0)
 
 
 def interpolate_at(field: torch.Tensor, positions: list[torch.Tensor]) -> torch.Tensor:
@@ -62,23 +53,6 @@ def interpolate_at(field: torch.Tensor, positions: list[torch.Tensor]) -> torch.
         term = field[(slice(None), *index)].float() * w
         out = term if out is None else out + term
     return out
-
-
-def upsample(x: torch.Tensor, factor: int) -> torch.Tensor:
-    """Whole-field linear upsampling ``(C, *S)`` -> ``(C, *S * factor)`` (align_corners=False).
-
-    Equals ``F.interpolate(..., scale_factor=factor, align_corners=False)``; used by tests and
-    small fields. Peak memory: the output plus ``2^d`` temporaries of its size.
-    """
-    d = x.ndim - 1
-    shape = x.shape[1:]
-    positions = []
-    for axis in range(d):
-        q = (torch.arange(shape[axis] * factor, device=x.device) + 0.5) / factor - 0.5
-        view = [1] * d
-        view[axis] = -1
-        positions.append(q.view(view))
-    return interpolate_at(x, positions)
 
 
 def interpolate_blocks(field: torch.Tensor, positions: list[torch.Tensor]) -> torch.Tensor:

@@ -184,14 +184,16 @@ def write_levels(model, kind, run_dir: Path, which: str) -> tuple[list[str], dic
     return written, meshes
 
 
-def write_pictures(model, run_dir: Path, history: list[dict[str, Any]], meshes: dict) -> list[str]:
+def write_pictures(
+    model, kind, run_dir: Path, history: list[dict[str, Any]], meshes: dict
+) -> list[str]:
     """``levels.png`` (every level of detail beside its blocks) and ``history.png`` (quality
     against time). A picture that cannot be drawn (no OpenGL) is reported, not fatal."""
     from .viz import plot_history, render_image_levels, render_levels
 
     written = []
     try:
-        if model.layout.ndim == 3:
+        if kind.lod_output == "mesh":
             render_levels(model, run_dir / "levels.png", meshes=meshes)
         else:
             render_image_levels(model, run_dir / "levels.png")

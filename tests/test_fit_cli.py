@@ -328,3 +328,70 @@ def test_extract_eval_view_subcommands(cli, lucy_run, meshes_dir, tmp_path, expe
     assert (tmp_path / "v.png").stat().st_size > 1000 and (tmp_path / "p.png").is_file()
     code, _, err = cli("view", tmp_path / "nope.safetensors")
     expect_error(code, err, "model file not found")
+
+
+def test_print_config_prints_the_effective_yaml_and_creates_nothing(cli, meshes_dir, tmp_path):
+    out = tmp_path / "run"
+    code, stdout, err = cli(
+        "fit", meshes_dir / "fandisk.obj", "--lr", "3e-3", "--seed", 7, "--print-config", "-o", out
+    )
+    assert code == 0, err
+    config = yaml.safe_load(stdout)
+    assert config["preset"] in ("cpu", "lucy") and config["fit"]["lr"] == 3e-3
+    assert config["fit"]["seed"] == 7
+    assert not out.exists()
+    code, stdout, _ = cli("fit", tmp_path / "photo.png", "--print-config")  # need not exist
+    assert code == 0 and yaml.safe_load(stdout)["preset"] == "image"
+    code, stdout, _ = cli("fit", tmp_path / "x.png", "--kind", "occupancy", "--print-config")
+    assert code == 0 and yaml.safe_load(stdout)["preset"] in ("cpu", "lucy")
+
+
+def test_presets_are_listed_with_their_files(cli):
+    code, stdout, err = cli("presets")
+    assert code == 0, err
+    for name in ("cpu", "lucy", "image"):
+        assert any(line.startswith(name) for line in stdout.splitlines())
+    assert "cpu.yaml" in stdout and "scales of" in stdout
+
+
+def test_seed_and_threads_flags(cli, meshes_dir, tmp_path):
+    import torch
+
+    before = torch.get_num_threads()
+    runs = {}
+    try:
+        for seed in (1, 1, 2):
+            out = tmp_path / f"seed{seed}-{len(runs)}"
+            code, _, err = cli(
+                "fit",
+                meshes_dir / "teapot.obj",
+                *SMALL,
+                "--scales",
+                2,
+                "--seed",
+                seed,
+                "--threads",
+                1,
+                "--set",
+                "mesh_scales=none",
+                "-o",
+                out,
+                "--quiet",
+            )
+            assert code == 0, err
+            assert torch.get_num_threads() == 1
+            runs[out.name] = json.loads((out / "summary.json").read_text())["scales"]
+    finally:
+        torch.set_num_threads(before)
+    first, again, other = runs.values()
+    assert first == again and first != other  # the seed decides the result, and only it
+    code, _, err = cli("fit", meshes_dir / "teapot.obj", "--threads", 0, "--print-config")
+    assert code != 0 and "--threads" in err
+
+
+def test_unknown_or_unavailable_kind(cli, expect_error, meshes_dir, tmp_path):
+    code, _, err = cli("fit", meshes_dir / "teapot.obj", "--kind", "volume", "-o", tmp_path / "r")
+    expect_error(code, err, "not available yet")
+    code, _, err = cli("fit", meshes_dir / "teapot.obj", "--kind", "texture", "-o", tmp_path / "r")
+    expect_error(code, err, "unknown kind 'texture'")
+    assert not (tmp_path / "r").exists()

