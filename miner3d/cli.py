@@ -272,10 +272,11 @@ def _cmd_view(args: argparse.Namespace) -> int:
 
 
 def _cmd_presets(args: argparse.Namespace) -> int:
-    from .config import PRESETS, build_config, describe, preset_path
+    from .config import PRESETS, build_config, describe, load_yaml, preset_path
 
     for name in PRESETS:
-        print(f"{name:6} {describe(build_config(name))}")
+        meshes = "resolution" in load_yaml(preset_path(name))
+        print(f"{name:6} {describe(build_config(name), meshes)}")
         print(f"{'':6} {preset_path(name)}")
     return 0
 

@@ -271,8 +271,9 @@ def default_preset(kind: str, cuda: bool) -> str:
     return "lucy" if cuda else "cpu"
 
 
-def describe(config: RunConfig) -> str:
-    """One line of what a config does, e.g. for ``miner3d presets``."""
+def describe(config: RunConfig, meshes: bool = True) -> str:
+    """One line of what a config does, e.g. for ``miner3d presets`` (``meshes``: say the
+    voxel resolution)."""
     f = config.fit
     sampling = (
         f"{f.iteration_samples} samples/iteration"
@@ -281,8 +282,8 @@ def describe(config: RunConfig) -> str:
     )
     return (
         f"{f.n_scales} scales of {f.block}-sample blocks, {f.hidden_layers} x {f.hidden} sine "
-        f"features, lr {f.lr:g}, <= {f.max_iters} iterations/scale, {sampling}; "
-        f"meshes at {config.resolution} voxels"
+        f"features, lr {f.lr:g}, <= {f.max_iters} iterations/scale, {sampling}"
+        + (f"; meshes at {config.resolution} voxels" if meshes else "")
     )
 
 

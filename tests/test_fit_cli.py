@@ -268,6 +268,10 @@ def test_resume_after_sigkill_continues_from_the_checkpoint(tmp_path, meshes_dir
     assert [line.split(",")[2] for line in starts] == ["2", "1", "0"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["iou"] >= 0.99
+    # the total counts the session before the kill too: at least fit + load + outputs
+    assert summary["seconds_fit"] >= state["elapsed"] > 0
+    parts = summary["seconds_fit"] + summary["seconds_load"] + summary["seconds_outputs"]
+    assert summary["seconds_total"] >= parts - 0.01
 
 
 @pytest.mark.slow
