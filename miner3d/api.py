@@ -26,10 +26,11 @@ from typing import Any
 import numpy as np
 
 from . import pipeline, rundir
-from .checkpoint import load_checkpoint
+from .checkpoint import Checkpoint
 from .config import RunConfig, build_config, default_preset, override_key
-from .errors import MinerError
+from .errors import FitInterrupted, MinerError
 from .grid import OccupancyGrid
+from .io import file_sha256
 from .kinds import OCCUPANCY, Kind, Signal, get_kind, kind_of_path, value_scale
 from .memory import parse_size
 from .model import MinerModel
@@ -175,6 +176,7 @@ def fit(
     config: str | Path | None = None,
     output: str | Path | None = None,
     force: bool = False,
+    break_lock: bool = False,
     max_memory: int | str | None = None,
     progress: Progress | None = None,
     banner: Callable[[str], None] | None = None,
@@ -188,56 +190,142 @@ def fit(
             ``(X, Y, Z)``). ``None``: the bundled Lucy.
         kind: ``occupancy`` or ``image``: overrides the detection by extension.
         preset, config: a preset name, or a YAML config file (default: by kind and device).
-        output: a run directory to write; ``None`` writes nothing to disk.
-        force: overwrite an existing run directory.
+        output: a run directory to write (locked while the fit runs); ``None`` writes
+            nothing to disk.
+        force: overwrite an existing run directory (its old files go only once the new
+            input has been read).
+        break_lock: take the run directory's lock even if another host's process holds it.
         max_memory: memory budget (bytes or ``"8GB"``); the fit is refused before allocating.
         progress: called with every history record.
         banner: called once with a line describing the run.
         **overrides: config fields, e.g. ``resolution=64``, ``lr=2e-3``, ``fit.n_scales=4``.
+
+    SIGINT, SIGTERM and SIGHUP (in the main thread) make the fit checkpoint (with ``output``)
+    and raise :class:`~miner3d.errors.FitInterrupted`.
     """
     budget = None if max_memory is None else parse_size(max_memory)
     signal_in, path, the_kind = _source(source, kind)
     cfg = _config(the_kind, preset, config, overrides)
     device = pick_device(cfg.device)  # before anything is written
-    run_dir = None
-    if output is not None:
-        run_dir = rundir.new_run_dir(Path(output), force)
-        rundir.write_yaml(run_dir / rundir.CONFIG, cfg.to_dict())
     info = pipeline.run_info(source, path, the_kind)
-    if run_dir is not None:
-        rundir.write_json(run_dir / rundir.RUN, info)
-    model, summary, history = pipeline.run(
-        signal_in, path, the_kind, cfg, device, info, run_dir, None, budget, progress, banner
-    )
+    if output is None:
+        model, summary, history = pipeline.run(
+            signal_in, path, the_kind, cfg, device, info, None, None, budget, progress, banner
+        )
+        return FitResult(Model(model), summary, history, None)
+    run_dir = Path(output)
+    lock, created = rundir.open_run_dir(run_dir, force, break_lock)
+    try:
+        model, summary, history = pipeline.run(
+            signal_in, path, the_kind, cfg, device, info, run_dir, None, budget, progress, banner
+        )
+    except FitInterrupted:
+        raise
+    except BaseException:
+        rundir.discard_failed(run_dir, created)
+        raise
+    finally:
+        lock.release()
     return FitResult(Model(model), summary, history, run_dir)
+
+
+RESUME_CHANGES = ("fit.time_limit", "fit.target", "fit.lr", "checkpoint_minutes")
+"""What ``resume`` may change: when to stop, and the learning rate from the next scale on
+(plus how often to checkpoint); anything else would not be the same fit."""
 
 
 def resume(
     run_dir: str | Path,
     *,
+    allow_changed_input: bool = False,
+    break_lock: bool = False,
     max_memory: int | str | None = None,
     progress: Progress | None = None,
     banner: Callable[[str], None] | None = None,
+    **changes: Any,
 ) -> FitResult:
-    """Continue an interrupted run from its checkpoint (same input, same config)."""
+    """Continue an interrupted run from its newest whole checkpoint (the previous one if the
+    newest is corrupt), after checking that the input file is the one fitted (its SHA-256,
+    unless ``allow_changed_input``) and that ``config.yaml``, ``grid.npz`` and the checkpoint
+    describe the same fit. ``changes``: only ``time_limit``, ``target``, ``lr`` (from the next
+    scale on) and ``checkpoint_minutes`` / ``checkpoint_iterations``."""
+    from .io import check_input_file
+
     run_dir = Path(run_dir)
-    info = rundir.read_run(run_dir)
-    if info.get("source") == "<array>":
-        raise MinerError(f"{run_dir} was fitted from an in-memory array; only files can be resumed")
-    path = Path(info["source"])
-    if not path.is_file():
-        raise MinerError(f"the input of {run_dir} is gone: {path}")
-    the_kind = get_kind(info.get("signal_kind") or kind_of_path(path))
-    cfg = build_config(config_file=run_dir / rundir.CONFIG)
-    device = pick_device(cfg.device)
-    ckpt = None
-    if (run_dir / rundir.CHECKPOINT).is_file():
-        ckpt = load_checkpoint(run_dir / rundir.CHECKPOINT)
     budget = None if max_memory is None else parse_size(max_memory)
-    model, summary, history = pipeline.run(
-        None, path, the_kind, cfg, device, info, run_dir, ckpt, budget, progress, banner
-    )
+    values = {override_key(k): v for k, v in changes.items()}
+    allowed = (*RESUME_CHANGES, "checkpoint_iterations")
+    for key in values:
+        if key not in allowed:
+            names = "time_limit, target, lr, checkpoint_minutes, checkpoint_iterations"
+            raise MinerError(f"a resumed run may change only {names}; not {key}")
+    if not run_dir.is_dir():
+        raise MinerError(f"{run_dir} is not a miner3d run directory")
+    with rundir.RunLock(run_dir, break_lock):
+        info = rundir.read_run(run_dir)
+        if info["source"] == "<array>":
+            raise MinerError(f"{run_dir} was fitted from an in-memory array; only files resume")
+        path = check_input_file(Path(info["source"]))
+        if not allow_changed_input and file_sha256(path) != info["sha256"]:
+            raise MinerError(
+                f"{path} changed since {run_dir} started (SHA-256 differs); pass "
+                "--allow-changed-input to continue with the new file anyway"
+            )
+        the_kind = get_kind(info.get("signal_kind") or kind_of_path(path))
+        cfg = build_config(config_file=run_dir / rundir.CONFIG, overrides=values)
+        device = pick_device(cfg.device)
+        ckpt, note = rundir.load_run_checkpoint(run_dir)
+        if note and banner is not None:
+            banner(f"note: {note}")
+        _check_resume(run_dir, cfg, ckpt, info)
+        if values:
+            rundir.write_yaml(run_dir / rundir.CONFIG, cfg.to_dict())
+        rundir.remove_temporaries(run_dir)
+        model, summary, history = pipeline.run(
+            None, path, the_kind, cfg, device, info, run_dir, ckpt, budget, progress, banner
+        )
     return FitResult(Model(model), summary, history, run_dir)
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _check_resume(run_dir: Path, cfg: RunConfig, ckpt: Checkpoint | None, info: dict) -> None:
+    """One line naming the first field in which ``config.yaml``, ``grid.npz`` and the
+    checkpoint disagree."""
+    if ckpt is not None and isinstance(ckpt.state.get("run_config"), dict):
+        saved = _flat(ckpt.state["run_config"])
+        for key, value in _flat(cfg.to_dict()).items():
+            if key in RESUME_CHANGES or key in ("checkpoint_iterations", "preset", "device"):
+                continue
+            if key in saved and saved[key] != value:
+                raise MinerError(
+                    f"config.yaml of {run_dir} no longer matches its checkpoint: {key} is "
+                    f"{value!r}, the checkpoint was fitted with {saved[key]!r}"
+                )
+    grid = run_dir / rundir.GRID
+    if info.get("kind") == "mesh" and grid.exists():
+        meta = OccupancyGrid.load(grid).meta
+        expected = {
+            "resolution": cfg.resolution,
+            "method": cfg.voxelizer,
+            "cube": cfg.cube,
+            "margin": cfg.margin,
+        }
+        for key, value in expected.items():
+            if key in meta and meta[key] != value:
+                name = "voxelizer" if key == "method" else key
+                raise MinerError(
+                    f"grid.npz of {run_dir} was voxelized with {key} {meta[key]!r}, but "
+                    f"config.yaml says {name} {value!r}"
+                )
 
 
 def effective_config(
@@ -271,9 +359,9 @@ def _source(source: Any, kind: str | None) -> tuple[Signal | None, Path | None, 
     if source is None:
         source = default_mesh()
     if isinstance(source, str | Path):
-        path = Path(source)
-        if not path.exists():
-            raise MinerError(f"input not found: {path}")
+        from .io import check_input_file
+
+        path = check_input_file(source)
         return None, path, get_kind(kind) if kind else kind_of_path(path)
     if isinstance(source, OccupancyGrid):
         the_kind = get_kind(kind or "occupancy")

@@ -11,17 +11,22 @@ sample draws, same result as an uninterrupted fit):
   every live block, frozen ones final) and ``current.active`` (the rows still optimised);
 * a JSON state: scale, iteration, elapsed seconds, history, running sums.
 
-The file is safetensors (tensors, the JSON state in its metadata), written atomically.
+The file is safetensors (tensors, the JSON state in its metadata), written atomically. The
+state also holds the SHA-256 of the tensors (``tensors_sha256``): a checkpoint whose bytes
+changed, or whose state lacks what a resume needs, is refused with a one-line error (and the
+run directory falls back to the previous checkpoint, see :mod:`miner3d.rundir`).
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .errors import MinerError
 from .io import read_safetensors, write_safetensors
 
 FORMAT = "miner3d-checkpoint"
@@ -47,12 +52,51 @@ def prefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.T
     return {prefix + k: v for k, v in tensors.items()}
 
 
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the tensors' names, dtypes, shapes and bytes (in name order)."""
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().cpu().contiguous()
+        digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return digest.hexdigest()
+
+
+_ALWAYS = {"scale": int, "iteration": int, "elapsed": float, "history": list}
+_MID_SCALE = {"adam_step": int, "adam_lr": float, "frozen_mse": float, "frozen_sums": dict}
+
+
+def _validate(state: Any, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """A one-line error if ``state`` lacks a field a resume reads, or a tensor is missing."""
+    if not isinstance(state, dict):
+        raise MinerError(f"checkpoint {path} has no state")
+    needed = dict(_ALWAYS)
+    if isinstance(state.get("iteration"), int) and state["iteration"] > 0:
+        needed.update(_MID_SCALE)
+    for key, typ in needed.items():
+        value = state.get(key)
+        ok = isinstance(value, int | float) if typ is float else isinstance(value, typ)
+        if not ok or isinstance(value, bool):
+            raise MinerError(f"checkpoint {path} is incomplete: '{key}' is missing or malformed")
+    if state["scale"] < 0 or state["iteration"] < 0:
+        raise MinerError(f"checkpoint {path} is malformed: negative scale or iteration")
+    if GENERATOR not in tensors or (state["iteration"] > 0 and f"{CURRENT}active" not in tensors):
+        raise MinerError(f"checkpoint {path} is incomplete: tensors are missing")
+
+
 def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> Path:
-    """Write a checkpoint atomically."""
-    return write_safetensors(path, checkpoint.tensors, FORMAT, checkpoint.state)
+    """Write a checkpoint atomically, with the SHA-256 of its tensors in its state."""
+    state = {**checkpoint.state, "tensors_sha256": tensors_sha256(checkpoint.tensors)}
+    return write_safetensors(path, checkpoint.tensors, FORMAT, state)
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Read a checkpoint written by :func:`save_checkpoint`; a clear error if it is not one."""
+    """Read a checkpoint written by :func:`save_checkpoint`; a one-line error if it is not
+    one, is incomplete, or its tensors changed since it was written."""
+    path = Path(path)
     state, tensors = read_safetensors(path, FORMAT, "checkpoint")
+    _validate(state, tensors, path)
+    expected = state.get("tensors_sha256")
+    if expected is not None and expected != tensors_sha256(tensors):
+        raise MinerError(f"checkpoint {path} is corrupt: its tensors do not match their checksum")
     return Checkpoint(tensors, state)

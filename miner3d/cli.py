@@ -10,10 +10,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from . import commands
 from .errors import MinerError
 from .version import __version__
 
@@ -27,7 +27,36 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _every(text: str) -> tuple[str, float]:
+    """``10m`` / ``10`` (minutes) or ``500it`` (iterations)."""
+    t = text.strip().lower()
+    unit, number = ("it", t[:-2]) if t.endswith("it") else ("m", t.removesuffix("m"))
+    try:
+        value = float(number)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"takes 10m, 10 (minutes) or 500it, not {text!r}"
+        ) from None
+    if not 0 < value < float("inf") or (unit == "it" and value != int(value)):
+        raise argparse.ArgumentTypeError(f"takes a positive 10m, 10 or 500it, not {text!r}")
+    return unit, value
+
+
 def _build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--debug", action="store_true", help="show the full traceback of an unexpected error"
+    )
     parser = argparse.ArgumentParser(
         prog="miner3d",
         description="Multiscale implicit neural representations of very large volumes and images.",
@@ -38,6 +67,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     vox = sub.add_parser(
         "voxelize",
+        parents=[common],
         help="turn a mesh into a solid occupancy grid (.npz, bit-packed)",
         description="Voxelize a mesh into a solid occupancy grid (inside = 1), bit-packed on disk.",
     )
@@ -73,10 +103,11 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     vox.add_argument("--force", action="store_true", help="overwrite an existing output file")
     vox.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
-    vox.set_defaults(func=_cmd_voxelize)
+    vox.set_defaults(func=commands.cmd_voxelize)
 
     fit = sub.add_parser(
         "fit",
+        parents=[common],
         help="fit a MINER model to a mesh, a voxel grid or an image",
         description="Fit a multiscale model coarse to fine. Without INPUT: the bundled Lucy.",
     )
@@ -114,16 +145,38 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     fit.add_argument("-o", "--output", type=Path, help="run directory (default runs/NAME-TIME)")
     fit.add_argument("--force", action="store_true", help="overwrite an existing run directory")
-    fit.add_argument("--resume", type=Path, metavar="RUN", help="continue an interrupted run")
+    fit.add_argument(
+        "--resume",
+        type=Path,
+        metavar="RUN",
+        help="continue an interrupted run (only --time-limit, --target, --lr and "
+        "--checkpoint-every may change)",
+    )
+    fit.add_argument(
+        "--checkpoint-every",
+        type=_every,
+        metavar="N",
+        help="checkpoint every 10m (minutes, the default unit) or 500it (iterations); "
+        "also at every scale switch and on SIGINT / SIGTERM / SIGHUP",
+    )
+    fit.add_argument(
+        "--allow-changed-input", action="store_true", help="resume although the input changed"
+    )
+    fit.add_argument(
+        "--break-lock", action="store_true", help="take the run's lock from a process gone"
+    )
     fit.add_argument("--max-memory", type=_size, help="memory budget, e.g. 8GB (default: free)")
     fit.add_argument("-q", "--quiet", action="store_true", help="no progress, no summary")
-    fit.set_defaults(func=_cmd_fit)
+    fit.set_defaults(func=commands.cmd_fit)
 
-    pre = sub.add_parser("presets", help="list the presets", description="The YAML presets.")
-    pre.set_defaults(func=_cmd_presets)
+    pre = sub.add_parser(
+        "presets", parents=[common], help="list the presets", description="The YAML presets."
+    )
+    pre.set_defaults(func=commands.cmd_presets)
 
     ext = sub.add_parser(
         "extract",
+        parents=[common],
         help="a mesh (occupancy) or a picture (image) at any level of detail",
         description="Marching cubes on an occupancy model, rendering of an image model; "
         "the format follows -o.",
@@ -142,24 +195,26 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     ext.add_argument("--level", type=float, default=0.5, help="iso level (default 0.5)")
     ext.add_argument("--force", action="store_true", help="overwrite an existing file")
-    ext.set_defaults(func=_cmd_extract)
+    ext.set_defaults(func=commands.cmd_extract)
 
     ev = sub.add_parser(
         "eval",
+        parents=[common],
         help="IoU, Chamfer distance and F-score of a fitted 3D model",
         description="Metrics per level of detail; prints a table, writes JSON.",
     )
     ev.add_argument("model", type=Path, help="model.safetensors (in its run directory)")
     ev.add_argument("--mesh", type=Path, help="source mesh (default: the model's)")
     ev.add_argument("--grid", type=Path, help="voxel grid (default: grid.npz beside the model)")
-    ev.add_argument("--points", type=int, default=1_000_000, help="random points for point IoU")
-    ev.add_argument("--surface", type=int, default=100_000, help="surface samples per mesh")
+    ev.add_argument("--points", type=_positive, default=1_000_000, help="points for point IoU")
+    ev.add_argument("--surface", type=_positive, default=100_000, help="surface samples per mesh")
     ev.add_argument("-o", "--output", type=Path, help="JSON (default: eval.json beside the model)")
     ev.add_argument("--force", action="store_true", help="overwrite an existing JSON")
-    ev.set_defaults(func=_cmd_eval)
+    ev.set_defaults(func=commands.cmd_eval)
 
     view = sub.add_parser(
         "view",
+        parents=[common],
         help="pictures of a fitted model and its training history",
         description="Every level of detail beside its blocks; --screenshot renders off-screen.",
     )
@@ -167,227 +222,13 @@ def _build_parser() -> argparse.ArgumentParser:
     view.add_argument("--screenshot", type=Path, help="write a PNG instead of opening a window")
     view.add_argument("--plot", type=Path, help="also plot quality against time (metrics.csv)")
     view.add_argument("--force", action="store_true", help="overwrite existing pictures")
-    view.set_defaults(func=_cmd_view)
+    view.set_defaults(func=commands.cmd_view)
     return parser
 
 
-def _refuse_existing(path: Path | None, force: bool) -> None:
-    if path is not None and path.exists() and not force:
-        raise MinerError(f"{path} exists; pass --force to overwrite it")
-
-
-def _cmd_extract(args: argparse.Namespace) -> int:
-    from .extract import IMAGE_OUTPUTS, MESH_OUTPUTS, marching_cubes, save_image, save_mesh
-    from .model import MinerModel
-
-    _refuse_existing(args.output, args.force)
-    model = MinerModel.load(args.model)
-    if not 0 <= args.lod < model.layout.n_scales:
-        raise MinerError(f"--lod (--scale) must be in [0, {model.layout.n_scales - 1}]")
-    suffix = args.output.suffix.lower()
-    wanted = MESH_OUTPUTS if model.kind == "occupancy" else IMAGE_OUTPUTS
-    if suffix not in wanted:
-        got = suffix or str(args.output)
-        raise MinerError(f"an {model.kind} model is extracted to {', '.join(wanted)}; got '{got}'")
-    if model.kind == "image":
-        height, width = model.layout.valid_shape(args.lod)
-        if args.resolution is not None:
-            w, sep, h = str(args.resolution).lower().partition("x")
-            if not sep or not w.isdigit() or not h.isdigit() or int(w) < 1 or int(h) < 1:
-                raise MinerError(f"--resolution takes WxH for images, got {args.resolution!r}")
-            width, height = int(w), int(h)
-        own = (height, width) == tuple(model.layout.valid_shape(args.lod))
-        save_image(model, args.output, args.lod, None if own else (height, width))
-        print(
-            f"{args.output}: {width}x{height} ({model.meta.get('dtype', 'uint8')}, lod {args.lod})"
-        )
-        return 0
-    resolution = None
-    if args.resolution is not None:
-        if not str(args.resolution).isdigit():
-            raise MinerError(f"--resolution takes a number for 3D models, got {args.resolution!r}")
-        resolution = int(args.resolution)
-    vertices, faces = marching_cubes(model, args.lod, args.level, resolution=resolution)
-    save_mesh(vertices, faces, args.output)
-    print(f"{args.output}: {len(vertices):,} vertices, {len(faces):,} triangles (lod {args.lod})")
-    return 0
-
-
-def _cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate, format_table
-    from .grid import OccupancyGrid
-    from .model import MinerModel
-    from .rundir import write_json
-
-    output = args.output or args.model.parent / "eval.json"
-    _refuse_existing(output, args.force)
-    model = MinerModel.load(args.model)
-    if model.kind != "occupancy":
-        raise MinerError("eval measures occupancy models; image runs report PSNR in summary.json")
-    grid_path = args.grid or args.model.parent / "grid.npz"
-    occupancy = OccupancyGrid.load(grid_path).occupancy if grid_path.exists() else None
-    mesh = args.mesh
-    if mesh is None and model.meta.get("kind") == "mesh" and Path(model.meta["source"]).exists():
-        mesh = Path(model.meta["source"])
-    if occupancy is None and mesh is None:
-        raise MinerError("nothing to compare with: pass --grid and/or --mesh")
-    results = evaluate(model, occupancy, mesh, args.points, args.surface)
-    for line in format_table(results):
-        print(line)
-    write_json(output, results)
-    print(f"written {output}")
-    return 0
-
-
-def _has_display() -> bool:
-    return sys.platform in ("win32", "darwin") or bool(
-        os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
-    )
-
-
-def _cmd_view(args: argparse.Namespace) -> int:
-    from .model import MinerModel
-    from .viz import plot_history, render_image_levels, render_levels
-
-    _refuse_existing(args.screenshot, args.force)
-    _refuse_existing(args.plot, args.force)
-    model = MinerModel.load(args.model)
-    if args.screenshot is None and not _has_display():
-        raise MinerError("no display to open a window on; pass --screenshot out.png")
-    metrics = args.model.parent / "metrics.csv"
-    if args.plot is not None and not metrics.exists():
-        raise MinerError(f"no metrics.csv beside {args.model}")
-    if model.kind == "image":
-        if args.screenshot is None:
-            raise MinerError("image models are drawn to a file: pass --screenshot out.png")
-        render_image_levels(model, args.screenshot)
-    else:
-        render_levels(model, args.screenshot)
-    if args.screenshot is not None:
-        print(f"written {args.screenshot}")
-    if args.plot is not None:
-        plot_history(metrics, args.plot)
-        print(f"written {args.plot}")
-    return 0
-
-
-def _cmd_presets(args: argparse.Namespace) -> int:
-    from .config import PRESETS, build_config, describe, load_yaml, preset_path
-
-    for name in PRESETS:
-        meshes = "resolution" in load_yaml(preset_path(name))
-        print(f"{name:6} {describe(build_config(name), meshes)}")
-        print(f"{'':6} {preset_path(name)}")
-    return 0
-
-
-_FIT_FLAGS = {
-    "resolution": "resolution",
-    "scales": "fit.n_scales",
-    "block": "fit.block",
-    "features": "fit.hidden",
-    "layers": "fit.hidden_layers",
-    "w0": "fit.w0",
-    "lr": "fit.lr",
-    "iters": "fit.max_iters",
-    "target": "fit.target",
-    "time_limit": "fit.time_limit",
-    "seed": "fit.seed",
-    "device": "device",
-}
-
-
-def _cmd_fit(args: argparse.Namespace) -> int:
-    from . import api
-    from .config import parse_assignments, to_yaml
-    from .console import FitProgress, describe_summary
-    from .rundir import default_run_dir
-
-    overrides = {
-        field: getattr(args, flag)
-        for flag, field in _FIT_FLAGS.items()
-        if getattr(args, flag) is not None
-    }
-    overrides.update(parse_assignments(args.set))
-    if args.resume is not None and (
-        args.input or overrides or args.config or args.preset or args.kind or args.print_config
-    ):
-        raise MinerError(
-            "--resume continues a run with its own input and config; give nothing else"
-        )
-    if args.config is not None and args.preset is not None:
-        raise MinerError("give --config or --preset, not both")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise MinerError(f"--threads must be at least 1, got {args.threads}")
-        import torch
-
-        torch.set_num_threads(args.threads)
-    if args.print_config:
-        config = api.effective_config(args.input, args.kind, args.preset, args.config, overrides)
-        print(to_yaml(config), end="")
-        return 0
-    progress = None if args.quiet else FitProgress()
-    banner = None if args.quiet else (lambda text: print(text, flush=True))
-    try:
-        if args.resume is not None:
-            result = api.resume(
-                args.resume, max_memory=args.max_memory, progress=progress, banner=banner
-            )
-        else:
-            stem = args.input.stem if args.input is not None else "lucy"
-            result = api.fit(
-                args.input,
-                kind=args.kind,
-                preset=args.preset,
-                config=args.config,
-                output=args.output or default_run_dir(stem),
-                force=args.force,
-                max_memory=args.max_memory,
-                progress=progress,
-                banner=banner,
-                **overrides,
-            )
-    finally:
-        if progress is not None:
-            progress.close()
-    if not args.quiet:
-        for line in describe_summary(result.summary):
-            print(line)
-        print(f"outputs in {result.run_dir}")
-    return 0
-
-
-def _cmd_voxelize(args: argparse.Namespace) -> int:
-    from . import api
-    from .console import describe_voxelize
-    from .grid import check_resolution
-
-    check_resolution(args.resolution)
-    output = args.output or Path(f"{args.mesh.stem}-{args.resolution}.npz")
-    if output.suffix != ".npz":
-        raise MinerError(f"the output must end in .npz, got {output}")
-    _refuse_existing(output, args.force)
-    start = time.perf_counter()
-    grid = api.voxelize(
-        args.mesh,
-        args.resolution,
-        method=args.method,
-        cube=args.cube,
-        margin=args.margin,
-        max_memory=args.max_memory,
-    )
-    grid.save(output)
-    if not args.quiet:
-        out, err = describe_voxelize(args.mesh, output, grid, time.perf_counter() - start)
-        print(out)
-        if err:
-            print(err, file=sys.stderr)
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit status."""
+    """Run the CLI; returns the exit status. A user error is one line on stderr; an unexpected
+    one too, with its type, unless ``--debug`` asks for the traceback."""
     parser = _build_parser()
     args = parser.parse_args(argv)
     try:
@@ -398,3 +239,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("miner3d: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`miner3d ... | head -1`): stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
+    except Exception as exc:
+        if args.debug:
+            raise
+        reason = str(exc).splitlines()[0] if str(exc) else ""
+        print(
+            f"miner3d: error: unexpected {type(exc).__name__}: {reason} (this is a bug in "
+            "miner3d; rerun with --debug for the traceback and report it)",
+            file=sys.stderr,
+        )
+        return 1

@@ -10,6 +10,7 @@ written into the run directory.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -139,6 +140,8 @@ class RunConfig:
     checkpoint_minutes: float = 5.0
     """Minutes between checkpoints within a scale (checkpoints are also written at every
     scale switch)."""
+    checkpoint_iterations: int = 0
+    """If > 0, also a checkpoint every this many iterations within a scale."""
     fit: FitConfig = field(default_factory=FitConfig)
 
     def validate(self) -> None:
@@ -160,8 +163,12 @@ class RunConfig:
             raise MinerError(f"invalid config value mesh_scales={self.mesh_scales!r}")
         if self.margin < 0:
             raise MinerError(f"invalid config value margin={self.margin!r}")
-        if self.checkpoint_minutes <= 0:
+        if not 0 < self.checkpoint_minutes < math.inf:
             raise MinerError(f"invalid config value checkpoint_minutes={self.checkpoint_minutes!r}")
+        if self.checkpoint_iterations < 0:
+            raise MinerError(
+                f"invalid config value checkpoint_iterations={self.checkpoint_iterations!r}"
+            )
         self.fit.validate()
 
     def to_dict(self) -> dict[str, Any]:

@@ -24,3 +24,7 @@ class FitInterrupted(MinerError):
     """The fit was asked to stop (SIGINT); a checkpoint was written first."""
 
     exit_code = 130
+
+
+class DivergedError(MinerError):
+    """The loss became NaN or infinite (the learning rate is too high for the signal)."""

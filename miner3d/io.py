@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,22 +42,45 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp_name, 0o666 & ~umask)  # mkstemp makes 0600; give what open() would
     tmp = Path(tmp_name)
     try:
         yield tmp
+        # mkstemp makes 0600, and a writer may have replaced the file: give what open() would
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
 
 
+def check_input_file(path: str | Path, what: str = "input") -> Path:
+    """``path`` if it is a regular, readable file; a one-line error otherwise (missing, a
+    directory, a FIFO or device, which would hang or fail later, or unreadable)."""
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise MinerError(f"{what} not found: {path}") from None
+    except OSError as exc:
+        raise MinerError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(mode):
+        raise MinerError(f"{path} is a directory, not a file")
+    if not stat.S_ISREG(mode):
+        raise MinerError(f"{path} is not a regular file (a pipe or a device?)")
+    if not os.access(path, os.R_OK):
+        raise MinerError(f"cannot read {path}: permission denied")
+    return path
+
+
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     """Hex SHA-256 of a file's bytes, read in 1 MiB chunks."""
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
+    try:
+        with open(check_input_file(path), "rb") as fh:
+            while block := fh.read(chunk):
+                digest.update(block)
+    except OSError as exc:
+        raise MinerError(f"cannot read {path}: {exc.strerror or exc}") from None
     return digest.hexdigest()
 
 
@@ -67,11 +91,7 @@ def load_mesh(path: str | Path):  # -> trimesh.Trimesh
     """
     import trimesh
 
-    path = Path(path)
-    if not path.exists():
-        raise MinerError(f"mesh file not found: {path}")
-    if not path.is_file():
-        raise MinerError(f"not a file: {path}")
+    path = check_input_file(path, "mesh file")
     ext = path.suffix.lower()
     if ext not in MESH_EXTENSIONS:
         supported = ", ".join(MESH_EXTENSIONS)
@@ -92,6 +112,10 @@ def load_mesh(path: str | Path):  # -> trimesh.Trimesh
         raise MinerError(f"mesh {path} has no triangles")
     if not np.all(np.isfinite(vertices)):
         raise MinerError(f"mesh {path} has non-finite vertex coordinates")
+    with np.errstate(over="ignore"):
+        extent = vertices.max(axis=0) - vertices.min(axis=0)
+    if not np.all(np.isfinite(extent)) or float(np.abs(vertices).max()) > 1e150:
+        raise MinerError(f"mesh {path} has coordinates too large to voxelize (beyond 1e150)")
     if faces.min() < 0 or faces.max() >= len(vertices):
         raise MinerError(f"mesh {path} has faces that index missing vertices")
     return loaded
@@ -126,9 +150,7 @@ def read_safetensors(path: str | Path, key: str, what: str) -> tuple[dict, dict]
 
     from safetensors import safe_open
 
-    path = Path(path)
-    if not path.is_file():
-        raise MinerError(f"{what} file not found: {path}")
+    path = check_input_file(path, f"{what} file")
     try:
         with safe_open(os.fspath(path), framework="pt", device="cpu") as fh:
             header = json.loads(fh.metadata()[key])
@@ -168,9 +190,7 @@ def read_image(path: str | Path) -> tuple[np.ndarray, bool]:
     """
     from skimage import io as skio
 
-    path = Path(path)
-    if not path.is_file():
-        raise MinerError(f"image file not found: {path}")
+    path = check_input_file(path, "image file")
     image = map_tiff(path) if path.suffix.lower() in (".tif", ".tiff") else None
     mapped = image is not None
     if image is None:

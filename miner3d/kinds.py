@@ -162,15 +162,17 @@ def read_signal(
     voxelizer: str = "robust",
     cube: bool = False,
     margin: int = 2,
-    grid_cache: Path | None = None,
+    reuse_grid: Path | None = None,
+    save_grid: Path | None = None,
     max_memory: int | None = None,
 ) -> Signal:
     """Read an input file as a :class:`Signal` of ``kind``.
 
-    Occupancy: a mesh is voxelized (reusing ``grid_cache`` if it exists, else saving the grid
-    there); an ``.npz`` grid is loaded. Image: see :func:`miner3d.io.read_image` (uncompressed
-    TIFFs are memory-mapped). Peak memory: the voxelizer's (see :mod:`voxelizer`), or the
-    decoded image in its own dtype (nothing for a memory map).
+    Occupancy: a mesh is voxelized (or its earlier voxelization ``reuse_grid`` read, if that
+    file exists; a new grid is saved to ``save_grid``); an ``.npz`` grid is loaded. Image: see
+    :func:`miner3d.io.read_image` (uncompressed TIFFs are memory-mapped). Peak memory: the
+    voxelizer's (see :mod:`voxelizer`), or the decoded image in its own dtype (nothing for a
+    memory map).
     """
     from .grid import OccupancyGrid
     from .voxelizer import voxelize_file
@@ -194,14 +196,14 @@ def read_signal(
         grid, source_kind = OccupancyGrid.load(path), "grid"
     elif ext in MESH_EXTENSIONS:
         source_kind = "mesh"
-        if grid_cache is not None and grid_cache.exists():  # a resumed run reuses its grid
-            grid = OccupancyGrid.load(grid_cache)
+        if reuse_grid is not None and reuse_grid.exists():  # a resumed run reuses its grid
+            grid = OccupancyGrid.load(reuse_grid)
         else:
             grid = voxelize_file(
                 path, resolution, method=voxelizer, cube=cube, margin=margin, max_memory=max_memory
             )
-            if grid_cache is not None:
-                grid.save(grid_cache)
+            if save_grid is not None:
+                grid.save(save_grid)
     else:
         raise MinerError(f"{path} is not a mesh or an .npz grid; an occupancy input must be one")
     if grid.occupancy.ndim != 3:

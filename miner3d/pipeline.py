@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 
 from . import rundir
-from .checkpoint import Checkpoint, save_checkpoint
+from .checkpoint import Checkpoint
 from .config import RunConfig
-from .errors import FitInterrupted
+from .errors import DivergedError, FitInterrupted
 from .grid import OccupancyGrid
 from .io import file_sha256
 from .kinds import Kind, Signal, read_signal
@@ -53,29 +53,42 @@ def run_info(source: Any, path: Path | None, kind: Kind) -> dict[str, Any]:
     return {"source": "<array>", "sha256": sha, "kind": input_kind, "signal_kind": kind.name}
 
 
+STOP_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)
+)
+
+
 class StopFlag:
-    """SIGINT sets the flag (the fit checkpoints and stops at the next iteration); a second
-    SIGINT interrupts at once."""
+    """SIGINT, SIGTERM and SIGHUP (where it exists) ask the fit to stop: it writes a
+    checkpoint at its next iteration and ends with exit status 128 + the signal's number. A
+    second signal interrupts at once. Installed only in the main thread; the handlers that were
+    there before are restored on exit."""
 
     def __init__(self):
-        self.requested = False
-        self._previous = None
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
 
-    def __enter__(self):
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def __enter__(self) -> StopFlag:
         def handler(signum, frame):
-            if self.requested:
+            if self.signum is not None:
                 raise KeyboardInterrupt
-            self.requested = True
+            self.signum = signum
 
-        try:
-            self._previous = signal.signal(signal.SIGINT, handler)
-        except ValueError:  # not the main thread
-            self._previous = None
+        for signum in STOP_SIGNALS:
+            try:
+                self._previous[signum] = signal.signal(signum, handler)
+            except ValueError:  # not the main thread: the caller handles its signals
+                break
         return self
 
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+    def __exit__(self, *exc: Any) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous.clear()
 
 
 def estimate_fit_bytes(
@@ -143,7 +156,7 @@ def run(
         )
     t0 = time.perf_counter()
     if sig is None:
-        grid_cache = None if run_dir is None else run_dir / rundir.GRID
+        grid = None if run_dir is None else run_dir / rundir.GRID
         sig = read_signal(
             path,
             kind,
@@ -151,28 +164,38 @@ def run(
             voxelizer=cfg.voxelizer,
             cube=cfg.cube,
             margin=cfg.margin,
-            grid_cache=grid_cache,
+            reuse_grid=None if ckpt is None else grid,
+            save_grid=grid,
             max_memory=max_memory,
         )
     load_seconds = time.perf_counter() - t0
     _preflight(sig, cfg, max_memory)
-
-    history: list[dict[str, Any]] = []
+    if run_dir is not None and ckpt is None:  # the input is good: now the run's files
+        rundir.remove_stale(run_dir)
+        rundir.write_yaml(run_dir / rundir.CONFIG, cfg.to_dict())
+        rundir.write_json(run_dir / rundir.RUN, info)
+    log = None
+    if run_dir is not None:
+        log = rundir.MetricsLog(
+            run_dir / rundir.METRICS, None if ckpt is None else ckpt.state["history"]
+        )
 
     def on_record(record: dict[str, Any]) -> None:
-        history.append(record)
+        if log is not None:
+            log(record)
         if progress is not None:
             progress(record)
 
     def on_checkpoint(state: Checkpoint) -> None:
-        save_checkpoint(run_dir / rundir.CHECKPOINT, state)
-        rundir.write_metrics_csv(run_dir / rundir.METRICS, state.state["history"])
+        state.state["run_config"] = cfg.to_dict()
+        rundir.save_run_checkpoint(run_dir, state)
+        log.rewrite(state.state["history"])
 
     meta = {"source": info["source"], "source_sha256": info["sha256"], **sig.info}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    with StopFlag() as flag:
-        try:
+    try:
+        with StopFlag() as flag:
             result = train_fit(
                 sig.data,
                 cfg.fit,
@@ -184,14 +207,23 @@ def run(
                 meta=meta,
                 checkpoint=None if run_dir is None else on_checkpoint,
                 checkpoint_seconds=60 * cfg.checkpoint_minutes,
+                checkpoint_iterations=cfg.checkpoint_iterations,
                 resume=ckpt,
-                stop_requested=lambda: flag.requested,
+                should_stop=lambda: flag.requested,
             )
-        except FitInterrupted as exc:
-            hint = f"; continue with: miner3d fit --resume {run_dir}" if run_dir else ""
-            raise FitInterrupted(
-                f"{exc}; checkpoint saved{hint}" if run_dir else str(exc)
-            ) from None
+    except FitInterrupted as exc:
+        name = signal.Signals(flag.signum).name if flag.signum else "a stop request"
+        where = f"; checkpoint saved; continue with: miner3d fit --resume {run_dir}"
+        error = FitInterrupted(f"{name}: {exc}{where if run_dir else ''}")
+        error.exit_code = 128 + flag.signum if flag.signum else 130
+        raise error from None
+    except DivergedError as exc:
+        again = f"miner3d fit {path} -o {run_dir} --force" if path and run_dir else "a fit"
+        lower = f"{min(cfg.fit.lr / 10, 1e-3):g}"
+        raise DivergedError(f"{exc}; rerun with a lower lr: {again} --lr {lower}") from None
+    finally:
+        if log is not None:
+            log.close()
     model = result.model
     t0 = time.perf_counter()
     outputs: list[str] = []
@@ -234,5 +266,5 @@ def run(
     }
     if run_dir is not None:
         rundir.write_json(run_dir / rundir.SUMMARY, summary)
-        (run_dir / rundir.CHECKPOINT).unlink(missing_ok=True)
+        rundir.remove_checkpoints(run_dir)
     return model, summary, result.history

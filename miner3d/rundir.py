@@ -5,17 +5,23 @@ A run directory holds::
     config.yaml            the effective config (preset + overrides), written first
     run.json               the input (path, SHA-256, kind) so --resume finds it again
     grid.npz               the voxelized input (meshes), reused by --resume
-    checkpoint.safetensors written at every scale switch and every few minutes, atomically;
-                           removed when the fit completes
+    checkpoint.safetensors written at every scale switch and every few minutes (or
+                           iterations), atomically; the one before is kept as
+                           checkpoint.prev.safetensors; both removed when the fit completes
+    .lock                  while a process writes the run: its host, PID and start time
     model.safetensors      the fitted model (tensors + JSON metadata)
-    metrics.csv            one row per logged event: time, scale, iteration, loss, blocks, IoU
+    metrics.csv            one row per logged event, appended as the fit goes (tail -f it):
+                           time, scale, iteration, loss, blocks, IoU; rewritten from the
+                           checkpoint's history when a run resumes
     summary.json           the figures of the run (:data:`SUMMARY_KEYS`)
     mesh_scale<j>.ply      (occupancy) the surface at each level of detail, input coordinates
     recon_scale<j>.png     (images) the reconstruction at each level of detail
     levels.png, history.png  pictures: every level of detail; quality against time
 
-Nothing is overwritten without ``force``; every file is written atomically. Keys of
-``summary.json`` keep their names and meanings; later versions only add keys.
+Nothing is overwritten without ``force``; every file is written atomically (metrics.csv is
+appended live, and rewritten atomically at every checkpoint and at the end). One process at a
+time writes a run directory (:class:`RunLock`). Keys of ``summary.json`` keep their names and
+meanings; later versions only add keys.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import platform
 import time
 from pathlib import Path
@@ -30,13 +37,16 @@ from typing import Any
 
 import numpy as np
 
+from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .errors import MinerError
 from .io import atomic_write
+from .lock import LOCK, RunLock
 
 CONFIG = "config.yaml"
 RUN = "run.json"
 GRID = "grid.npz"
 CHECKPOINT = "checkpoint.safetensors"
+PREVIOUS_CHECKPOINT = "checkpoint.prev.safetensors"
 MODEL = "model.safetensors"
 METRICS = "metrics.csv"
 SUMMARY = "summary.json"
@@ -119,46 +129,146 @@ def write_metrics_csv(path: Path, history: list[dict[str, Any]]) -> None:
         writer.writerows(history)
 
 
+class MetricsLog:
+    """``metrics.csv`` appended row by row as the fit logs (flushed, so ``tail -f`` follows
+    it). ``history``: the rows to start from (a resumed run's checkpoint history), written
+    atomically first."""
+
+    def __init__(self, path: Path, history: list[dict[str, Any]] | None = None):
+        self.path = path
+        write_metrics_csv(path, history or [])
+        self._fh = open(path, "a", newline="")
+        self._writer = csv.DictWriter(self._fh, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        self._writer.writerow(record)
+        self._fh.flush()
+
+    def rewrite(self, history: list[dict[str, Any]]) -> None:
+        """Replace the file by ``history`` atomically and go on appending to the new file."""
+        self._fh.close()
+        write_metrics_csv(self.path, history)
+        self._fh = open(self.path, "a", newline="")
+        self._writer = csv.DictWriter(self._fh, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+def save_run_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> None:
+    """Write the checkpoint (whole, then renamed), keeping the one before as
+    ``checkpoint.prev``: a kill at any moment leaves at least one whole checkpoint."""
+    current = run_dir / CHECKPOINT
+    staged = save_checkpoint(run_dir / f".{CHECKPOINT}.staged.tmp", checkpoint)
+    if current.exists():
+        os.replace(current, run_dir / PREVIOUS_CHECKPOINT)
+    os.replace(staged, current)
+
+
+def load_run_checkpoint(run_dir: Path) -> tuple[Checkpoint | None, str]:
+    """The newest whole checkpoint of a run and a note (``""``, or which file was skipped and
+    why); ``(None, "")`` when there is none. A checkpoint that fails its integrity check falls
+    back to the previous one."""
+    notes = []
+    for name in (CHECKPOINT, PREVIOUS_CHECKPOINT):
+        path = run_dir / name
+        if not path.is_file():
+            continue
+        try:
+            return load_checkpoint(path), "; ".join(notes)
+        except MinerError as exc:
+            notes.append(f"skipped {name}: {exc}")
+    if notes:
+        raise MinerError(f"no usable checkpoint in {run_dir} ({'; '.join(notes)})")
+    return None, ""
+
+
+def remove_checkpoints(run_dir: Path) -> None:
+    """Remove the checkpoints and any temporary file a killed write left behind."""
+    for name in (CHECKPOINT, PREVIOUS_CHECKPOINT):
+        (run_dir / name).unlink(missing_ok=True)
+    remove_temporaries(run_dir)
+
+
+def remove_temporaries(run_dir: Path) -> None:
+    """Remove the ``.<name>.*.tmp`` files of atomic writes that a kill interrupted."""
+    for tmp in run_dir.glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
 def default_run_dir(stem: str) -> Path:
     """``runs/<stem>-<local time>``."""
     return Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def new_run_dir(output: Path, force: bool) -> Path:
-    """Create (or, with ``force``, reuse) a run directory; a clear error if it exists with
-    something in it, is a file, or cannot be written."""
+def open_run_dir(output: Path, force: bool, break_lock: bool = False) -> tuple[RunLock, bool]:
+    """Create (or, with ``force``, reuse) a run directory and take its lock; returns the lock
+    and whether the directory was created. A clear error if another process holds the lock, if
+    the directory has a run in it (without ``force``), is a file, or cannot be written. Nothing
+    in it is removed here: stale files go only once the new input has been read
+    (:func:`remove_stale`)."""
     if output.exists() and not output.is_dir():
         raise MinerError(f"{output} exists and is not a directory")
-    if output.exists() and any(output.iterdir()) and not force:
-        raise MinerError(
-            f"run directory {output} exists; pass --resume {output} to continue "
-            "it or --force to overwrite it"
-        )
+    created = not output.exists()
     try:
         output.mkdir(parents=True, exist_ok=True)
-        probe = output / ".write-test"
-        probe.write_text("")
-        probe.unlink()
     except OSError as exc:
         raise MinerError(f"cannot write to {output}: {exc.strerror or exc}") from None
-    if force:
-        for stale in (GRID, CHECKPOINT, MODEL):
-            (output / stale).unlink(missing_ok=True)
-    return output
+    lock = RunLock(output, break_lock).acquire()
+    try:
+        if any(p.name != LOCK for p in output.iterdir()) and not force:
+            raise MinerError(
+                f"run directory {output} exists; pass --resume {output} to continue "
+                "it or --force to overwrite it"
+            )
+    except BaseException:
+        lock.release()
+        raise
+    return lock, created
+
+
+def remove_stale(run_dir: Path) -> None:
+    """Remove what an earlier run left that the new one would not overwrite at once (its
+    model, checkpoints, summary, temporary files)."""
+    for name in (MODEL, SUMMARY):
+        (run_dir / name).unlink(missing_ok=True)
+    remove_checkpoints(run_dir)
+
+
+def discard_failed(run_dir: Path, created: bool) -> None:
+    """After a fit that failed before its first checkpoint: remove the files it wrote, and the
+    directory if it made it, so that the same command can simply be run again."""
+    if (run_dir / CHECKPOINT).exists() or (run_dir / PREVIOUS_CHECKPOINT).exists():
+        return
+    for name in (CONFIG, RUN, GRID, METRICS):
+        (run_dir / name).unlink(missing_ok=True)
+    remove_temporaries(run_dir)
+    if created:
+        try:
+            run_dir.rmdir()
+        except OSError:  # not empty: something else is in it
+            pass
 
 
 def read_run(run_dir: Path) -> dict[str, Any]:
-    """``run.json`` of a run to resume; a clear error if ``run_dir`` is not a run, or is
-    complete."""
+    """``run.json`` of a run to resume; a clear error if ``run_dir`` is not a run, is
+    complete, or its ``run.json`` is malformed."""
     run_file = run_dir / RUN
     if not run_file.is_file():
         raise MinerError(f"{run_dir} is not a miner3d run directory (no {RUN})")
-    if not (run_dir / CHECKPOINT).is_file() and (run_dir / MODEL).is_file():
+    has_checkpoint = (run_dir / CHECKPOINT).is_file() or (run_dir / PREVIOUS_CHECKPOINT).is_file()
+    if not has_checkpoint and (run_dir / MODEL).is_file():
         raise MinerError(f"{run_dir} is complete; nothing to resume")
     try:
-        return json.loads(run_file.read_text())
+        info = json.loads(run_file.read_text())
     except (OSError, ValueError) as exc:
-        raise MinerError(f"could not read {run_file}: {exc}") from None
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise MinerError(f"could not read {run_file}: {reason}") from None
+    if not isinstance(info, dict) or not all(
+        isinstance(info.get(key), str) for key in ("source", "sha256")
+    ):
+        raise MinerError(f"{run_file} is malformed: it must name the source and its sha256")
+    return info
 
 
 def write_levels(model, kind, run_dir: Path, which: str) -> tuple[list[str], dict]:

@@ -51,6 +51,9 @@ class ScaleState:
     window_loss: float | None = None
     """The loss at the start of the current plateau window."""
     iteration: int = 0
+    lr: float = 0.0
+    """The learning rate the scale started with (a resume may change it only from the next
+    scale on)."""
 
     @classmethod
     def start(cls, j: int, targets: ScaleTargets, bank: MLPBank, lr: float) -> ScaleState:
@@ -69,6 +72,7 @@ class ScaleState:
             targets.partial_ids,
             targets.partial_masks,
             targets.pruned_sums,
+            lr=lr,
         )
 
     @classmethod
@@ -79,8 +83,10 @@ class ScaleState:
         ckpt: Checkpoint,
         shape: BankShape,
         device: torch.device,
+        lr: float,
     ) -> ScaleState:
-        """The scale as a checkpoint written mid-scale left it (``targets`` rebuilt)."""
+        """The scale as a checkpoint written mid-scale left it (``targets`` rebuilt; ``lr``:
+        the starting learning rate if the checkpoint does not name the scale's own)."""
         state, current = ckpt.state, ckpt.section(CURRENT)
         bank = MLPBank.from_state_dict(shape, current, device)
         opt = BankAdam(bank, float(state["adam_lr"]))
@@ -107,6 +113,7 @@ class ScaleState:
         st.frozen_mse = float(state["frozen_mse"])
         st.window_loss = state["window_loss"]
         st.iteration = int(state["iteration"])
+        st.lr = float(state.get("scale_lr", lr))
         return st
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
@@ -126,6 +133,7 @@ class ScaleState:
             "frozen_mse": self.frozen_mse,
             "frozen_sums": asdict(self.frozen_sums),
             "window_loss": self.window_loss,
+            "scale_lr": self.lr,
         }
 
     def step(

@@ -41,7 +41,7 @@ from .bank import BankShape, MLPBank
 from .blocks import BlockLayout, local_coordinates
 from .checkpoint import GENERATOR, MODEL, Checkpoint, prefixed
 from .config import FitConfig
-from .errors import FitInterrupted, MinerError
+from .errors import DivergedError, FitInterrupted, MinerError
 from .grid import GridTransform
 from .kinds import Kind, get_kind
 from .memory import return_large_frees
@@ -50,7 +50,7 @@ from .scale import ScaleState
 from .source import SignalSource
 from .targets import Residuals
 
-__all__ = ["FitInterrupted", "FitResult", "fit", "pick_device"]
+__all__ = ["DivergedError", "FitInterrupted", "FitResult", "fit", "pick_device"]
 
 
 @dataclass
@@ -86,8 +86,9 @@ def fit(
     meta: dict[str, Any] | None = None,
     checkpoint: Callable[[Checkpoint], None] | None = None,
     checkpoint_seconds: float = 300.0,
+    checkpoint_iterations: int = 0,
     resume: Checkpoint | None = None,
-    stop_requested: Callable[[], bool] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> FitResult:
     """Fit a MINER model to a signal, coarse to fine.
 
@@ -104,10 +105,11 @@ def fit(
         callback: called with every history record (dict) as it is logged.
         meta: extra JSON-serialisable metadata stored in the model.
         checkpoint: called with a :class:`Checkpoint` at every scale switch, every
-            ``checkpoint_seconds`` within a scale, and before stopping on ``stop_requested``.
+            ``checkpoint_seconds`` (and every ``checkpoint_iterations``, if > 0) within a
+            scale, and before stopping on ``should_stop``.
         resume: a checkpoint to continue from (same signal and config).
-        stop_requested: polled every iteration; when it returns True the fit checkpoints and
-            raises :class:`FitInterrupted`.
+        should_stop: polled every iteration; when it returns True the fit checkpoints and
+            raises :class:`FitInterrupted`. The trainer installs no signal handler.
 
     Returns:
         :class:`FitResult`. Peak memory, per full-resolution sample and channel: the signal
@@ -133,7 +135,8 @@ def fit(
     trainer = _Trainer(signal, config, kind, value_scale, transform, dev, callback, meta)
     trainer.checkpoint = checkpoint
     trainer.checkpoint_seconds = checkpoint_seconds
-    trainer.stop_requested = stop_requested or (lambda: False)
+    trainer.checkpoint_iterations = checkpoint_iterations
+    trainer.should_stop = should_stop or (lambda: False)
     return trainer.run(resume)
 
 
@@ -145,7 +148,8 @@ class _Trainer:
         self.callback = callback
         self.checkpoint: Callable[[Checkpoint], None] | None = None
         self.checkpoint_seconds = 300.0
-        self.stop_requested: Callable[[], bool] = lambda: False
+        self.checkpoint_iterations = 0
+        self.should_stop: Callable[[], bool] = lambda: False
         self.layout = BlockLayout(tuple(signal.shape[1:]), c.block, c.n_scales)
         self.d = self.layout.ndim
         self.channels = int(signal.shape[0])
@@ -274,7 +278,7 @@ class _Trainer:
         n_live = len(targets.ids)
         if resume is not None and resume.state["iteration"] > 0:
             shape = self.model.bank_shape
-            st = ScaleState.resume(j, targets, resume, shape, self.device)
+            st = ScaleState.resume(j, targets, resume, shape, self.device, c.lr)
             step = st.opt.step_count
             self._log(
                 {"event": "resumed", "scale": j, "iteration": st.iteration, "adam_step": step}
@@ -309,13 +313,13 @@ class _Trainer:
                 pick = torch.randperm(n_samples, generator=self.generator)[:points]
                 pick = pick.to(self.device)
             block_mse = st.step(self.residuals, self.coords, pick, c.batch_samples)
-            st.opt.lr = c.lr * c.lr_decay ** (it - 1)
+            st.opt.lr = st.lr * c.lr_decay ** (it - 1)
             st.opt.step()
             loss = (st.frozen_mse + float(block_mse.sum())) / max(n_live, 1)
             if not math.isfinite(loss):
-                raise MinerError(
-                    f"the loss became {loss} at scale {j}, iteration {it}; the last good "
-                    "checkpoint is kept (try a lower lr)"
+                raise DivergedError(
+                    f"the loss became {loss} at scale {j}, iteration {it} (learning rate "
+                    f"{st.opt.lr:.3g} at that iteration)"
                 )
             if it % c.freeze_every == 0:
                 st.freeze(block_mse, c.freeze_mse, self.residuals)
@@ -336,8 +340,10 @@ class _Trainer:
                     }
                 )
             st.iteration = it
-            stop = self.stop_requested()
-            if stop or time.perf_counter() - last_checkpoint > self.checkpoint_seconds:
+            stop = self.should_stop()
+            every = self.checkpoint_iterations
+            due = time.perf_counter() - last_checkpoint > self.checkpoint_seconds
+            if stop or due or (every and it % every == 0):
                 self._save(j, st)
                 last_checkpoint = time.perf_counter()
                 if stop:

@@ -186,11 +186,16 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(cli, meshes_dir, tmp_
         "--quiet",
     )
     expect_error(code, err, "the loss became")
-    assert "last good checkpoint" in err
     checkpoint = load_checkpoint(out / "checkpoint.safetensors")
-    failed_at = int(err.split("iteration ")[1].split(";")[0])
+    failed_at = int(err.split("iteration ")[1].split(" ")[0])
     assert checkpoint.state["iteration"] < failed_at
     assert not (out / "model.safetensors").exists()
+    # the hint is a command that works
+    hint = err.split("rerun with a lower lr: ")[1].strip()
+    assert hint.startswith("miner3d fit ") and "--force --lr 0.001" in hint
+    code, _, err = cli(*hint.split()[1:], "--iters", 50, "--quiet")
+    assert code == 0, err
+    assert (out / "model.safetensors").exists()
 
 
 def _start_fit(out: Path, meshes_dir: Path, *extra: str) -> subprocess.Popen:

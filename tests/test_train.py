@@ -174,7 +174,7 @@ def test_interrupt_and_resume_continue_exactly(lucy64):
             device="cpu",
             checkpoint=checkpoints.append,
             checkpoint_seconds=1e9,
-            stop_requested=stop_in_scale_one,
+            should_stop=stop_in_scale_one,
         )
     last = checkpoints[-1]
     assert last.state["scale"] == 1 and last.state["iteration"] == 37

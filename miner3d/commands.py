@@ -1,0 +1,243 @@
+"""What each ``miner3d`` subcommand does with its parsed arguments: calls into
+:mod:`miner3d.api` and the stages, and prints. Every user error is a
+:class:`~miner3d.errors.MinerError` (one line, non-zero exit)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from .errors import MinerError
+
+
+def _refuse_existing(path: Path | None, force: bool) -> None:
+    if path is not None and path.exists() and not force:
+        raise MinerError(f"{path} exists; pass --force to overwrite it")
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from .extract import IMAGE_OUTPUTS, MESH_OUTPUTS, marching_cubes, save_image, save_mesh
+    from .model import MinerModel
+
+    _refuse_existing(args.output, args.force)
+    model = MinerModel.load(args.model)
+    if not 0 <= args.lod < model.layout.n_scales:
+        raise MinerError(f"--lod (--scale) must be in [0, {model.layout.n_scales - 1}]")
+    suffix = args.output.suffix.lower()
+    wanted = MESH_OUTPUTS if model.kind == "occupancy" else IMAGE_OUTPUTS
+    if suffix not in wanted:
+        got = suffix or str(args.output)
+        raise MinerError(f"an {model.kind} model is extracted to {', '.join(wanted)}; got '{got}'")
+    if model.kind == "image":
+        height, width = model.layout.valid_shape(args.lod)
+        if args.resolution is not None:
+            w, sep, h = str(args.resolution).lower().partition("x")
+            if not sep or not w.isdigit() or not h.isdigit() or int(w) < 1 or int(h) < 1:
+                raise MinerError(f"--resolution takes WxH for images, got {args.resolution!r}")
+            width, height = int(w), int(h)
+        own = (height, width) == tuple(model.layout.valid_shape(args.lod))
+        save_image(model, args.output, args.lod, None if own else (height, width))
+        print(
+            f"{args.output}: {width}x{height} ({model.meta.get('dtype', 'uint8')}, lod {args.lod})"
+        )
+        return 0
+    resolution = None
+    if args.resolution is not None:
+        if not str(args.resolution).isdigit():
+            raise MinerError(f"--resolution takes a number for 3D models, got {args.resolution!r}")
+        resolution = int(args.resolution)
+    vertices, faces = marching_cubes(model, args.lod, args.level, resolution=resolution)
+    save_mesh(vertices, faces, args.output)
+    print(f"{args.output}: {len(vertices):,} vertices, {len(faces):,} triangles (lod {args.lod})")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate, format_table
+    from .grid import OccupancyGrid
+    from .model import MinerModel
+    from .rundir import write_json
+
+    output = args.output or args.model.parent / "eval.json"
+    _refuse_existing(output, args.force)
+    model = MinerModel.load(args.model)
+    if model.kind != "occupancy":
+        raise MinerError("eval measures occupancy models; image runs report PSNR in summary.json")
+    grid_path = args.grid or args.model.parent / "grid.npz"
+    occupancy = OccupancyGrid.load(grid_path).occupancy if grid_path.exists() else None
+    mesh = args.mesh
+    if mesh is None and model.meta.get("kind") == "mesh" and Path(model.meta["source"]).exists():
+        mesh = Path(model.meta["source"])
+    if occupancy is None and mesh is None:
+        raise MinerError("nothing to compare with: pass --grid and/or --mesh")
+    results = evaluate(model, occupancy, mesh, args.points, args.surface)
+    for line in format_table(results):
+        print(line)
+    write_json(output, results)
+    print(f"written {output}")
+    return 0
+
+
+def _has_display() -> bool:
+    return sys.platform in ("win32", "darwin") or bool(
+        os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
+    )
+
+
+def cmd_view(args: argparse.Namespace) -> int:
+    from .model import MinerModel
+    from .viz import plot_history, render_image_levels, render_levels
+
+    _refuse_existing(args.screenshot, args.force)
+    _refuse_existing(args.plot, args.force)
+    model = MinerModel.load(args.model)
+    if args.screenshot is None and not _has_display():
+        raise MinerError("no display to open a window on; pass --screenshot out.png")
+    metrics = args.model.parent / "metrics.csv"
+    if args.plot is not None and not metrics.exists():
+        raise MinerError(f"no metrics.csv beside {args.model}")
+    if model.kind == "image":
+        if args.screenshot is None:
+            raise MinerError("image models are drawn to a file: pass --screenshot out.png")
+        render_image_levels(model, args.screenshot)
+    else:
+        render_levels(model, args.screenshot)
+    if args.screenshot is not None:
+        print(f"written {args.screenshot}")
+    if args.plot is not None:
+        plot_history(metrics, args.plot)
+        print(f"written {args.plot}")
+    return 0
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from .config import PRESETS, build_config, describe, load_yaml, preset_path
+
+    for name in PRESETS:
+        meshes = "resolution" in load_yaml(preset_path(name))
+        print(f"{name:6} {describe(build_config(name), meshes)}")
+        print(f"{'':6} {preset_path(name)}")
+    return 0
+
+
+_FIT_FLAGS = {
+    "resolution": "resolution",
+    "scales": "fit.n_scales",
+    "block": "fit.block",
+    "features": "fit.hidden",
+    "layers": "fit.hidden_layers",
+    "w0": "fit.w0",
+    "lr": "fit.lr",
+    "iters": "fit.max_iters",
+    "target": "fit.target",
+    "time_limit": "fit.time_limit",
+    "seed": "fit.seed",
+    "device": "device",
+}
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from . import api
+    from .config import parse_assignments, to_yaml
+    from .console import FitProgress, describe_summary
+    from .rundir import default_run_dir
+
+    overrides = {
+        field: getattr(args, flag)
+        for flag, field in _FIT_FLAGS.items()
+        if getattr(args, flag) is not None
+    }
+    overrides.update(parse_assignments(args.set))
+    if args.checkpoint_every is not None:
+        unit, value = args.checkpoint_every
+        if unit == "it":
+            overrides["checkpoint_iterations"] = int(value)
+        else:
+            overrides["checkpoint_minutes"] = value
+    if args.resume is not None:
+        settled = {"fit.time_limit", "fit.target", "fit.lr", "checkpoint_minutes"}
+        other = sorted(set(overrides) - settled - {"checkpoint_iterations"})
+        if args.input or other or args.config or args.preset or args.kind or args.print_config:
+            raise MinerError(
+                "--resume continues a run with its own input and config; it may change only "
+                "--time-limit, --target, --lr and --checkpoint-every, give nothing else"
+            )
+    if args.config is not None and args.preset is not None:
+        raise MinerError("give --config or --preset, not both")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise MinerError(f"--threads must be at least 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.print_config:
+        config = api.effective_config(args.input, args.kind, args.preset, args.config, overrides)
+        print(to_yaml(config), end="")
+        return 0
+    progress = None if args.quiet else FitProgress()
+    banner = None if args.quiet else (lambda text: print(text, flush=True))
+    try:
+        if args.resume is not None:
+            result = api.resume(
+                args.resume,
+                allow_changed_input=args.allow_changed_input,
+                break_lock=args.break_lock,
+                max_memory=args.max_memory,
+                progress=progress,
+                banner=banner,
+                **overrides,
+            )
+        else:
+            stem = args.input.stem if args.input is not None else "lucy"
+            result = api.fit(
+                args.input,
+                kind=args.kind,
+                preset=args.preset,
+                config=args.config,
+                output=args.output or default_run_dir(stem),
+                force=args.force,
+                break_lock=args.break_lock,
+                max_memory=args.max_memory,
+                progress=progress,
+                banner=banner,
+                **overrides,
+            )
+    finally:
+        if progress is not None:
+            progress.close()
+    if not args.quiet:
+        for line in describe_summary(result.summary):
+            print(line)
+        print(f"outputs in {result.run_dir}")
+    return 0
+
+
+def cmd_voxelize(args: argparse.Namespace) -> int:
+    from . import api
+    from .console import describe_voxelize
+    from .grid import check_resolution
+
+    check_resolution(args.resolution)
+    output = args.output or Path(f"{args.mesh.stem}-{args.resolution}.npz")
+    if output.suffix != ".npz":
+        raise MinerError(f"the output must end in .npz, got {output}")
+    _refuse_existing(output, args.force)
+    start = time.perf_counter()
+    grid = api.voxelize(
+        args.mesh,
+        args.resolution,
+        method=args.method,
+        cube=args.cube,
+        margin=args.margin,
+        max_memory=args.max_memory,
+    )
+    grid.save(output)
+    if not args.quiet:
+        out, err = describe_voxelize(args.mesh, output, grid, time.perf_counter() - start)
+        print(out)
+        if err:
+            print(err, file=sys.stderr)
+    return 0
