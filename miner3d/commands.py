@@ -69,8 +69,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     grid_path = args.grid or args.model.parent / "grid.npz"
     occupancy = OccupancyGrid.load(grid_path).occupancy if grid_path.exists() else None
     mesh = args.mesh
-    if mesh is None and model.meta.get("kind") == "mesh" and Path(model.meta["source"]).exists():
-        mesh = Path(model.meta["source"])
+    if mesh is None and model.meta.get("kind") == "mesh":
+        # the mesh the model names, only if it is the very file it was fitted to: a model
+        # from elsewhere must not make eval read an arbitrary path
+        from .io import file_sha256
+
+        named = Path(str(model.meta.get("source", "")))
+        if named.is_file() and file_sha256(named) == model.meta.get("source_sha256"):
+            mesh = named
     if occupancy is None and mesh is None:
         raise MinerError("nothing to compare with: pass --grid and/or --mesh")
     results = evaluate(model, occupancy, mesh, args.points, args.surface)

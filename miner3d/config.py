@@ -105,7 +105,14 @@ class FitConfig:
             "cache_targets": self.cache_targets >= 0,
             "time_limit": self.time_limit >= 0,
             "target": self.target >= 0,
+            "seed": 0 <= self.seed < 2**63,
         }
+        for f in fields(self):  # no float field may be inf or nan; no int beyond 2^63
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                checks[f.name] = False
+            if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**63:
+                checks[f.name] = False
         for name, ok in checks.items():
             if not ok:
                 raise MinerError(f"invalid config value {name}={getattr(self, name)!r}")
@@ -188,15 +195,23 @@ def _coerce(name: str, value: Any, typ: Any) -> Any:
                 return False
             raise ValueError
         if typ is int:
-            if isinstance(value, bool) or float(value) != int(float(value)):
+            if isinstance(value, bool):
                 raise ValueError
-            return int(float(value))
+            if isinstance(value, int):
+                return value
+            text = str(value).strip()
+            if text.lstrip("+-").isdigit():
+                return int(text)
+            number = float(text)
+            if not math.isfinite(number) or number != int(number):
+                raise ValueError
+            return int(number)
         if typ is float:
             if isinstance(value, bool):
                 raise ValueError
             return float(value)
         return str(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise MinerError(
             f"invalid config value {name}={value!r} (expected {typ.__name__})"
         ) from None
@@ -220,10 +235,15 @@ def _apply(target: Any, values: dict[str, Any], prefix: str = "") -> None:
 def load_yaml(path: Path) -> dict[str, Any]:
     import yaml
 
-    if not path.is_file():
-        raise MinerError(f"config file not found: {path}")
+    from .io import check_input_file
+
+    check_input_file(path, "config file")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise MinerError(f"config {path} is not a text (UTF-8) YAML file") from None
+    except OSError as exc:
+        raise MinerError(f"cannot read config {path}: {exc.strerror or exc}") from None
     except yaml.YAMLError as exc:
         raise MinerError(f"could not parse config {path}: {str(exc).splitlines()[0]}") from None
     if not isinstance(data, dict):

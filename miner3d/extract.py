@@ -96,6 +96,13 @@ def marching_cubes(
     layout = model.layout
     if layout.ndim != 3:
         raise MinerError("marching cubes needs a 3D model")
+    if resolution is None:  # two layers of blocks of float32, and the mesh (~ 2 such planes)
+        plane = math.prod(layout.scale_shape(scale)[1:])
+        model.check_memory(f"extracting level of detail {scale}", 4 * layout.block * plane * 4)
+    else:  # one slab of 17 planes of points (float64 x 3, the values, the query's temporaries)
+        grid = resample_transform(layout.shape, resolution)
+        plane = math.prod(grid.shape[1:])
+        model.check_memory(f"extracting at resolution {resolution}", 17 * plane * 160)
     if resolution is None:
         valid = layout.valid_shape(scale)
         cache: dict[int, np.ndarray] = {}
@@ -187,6 +194,11 @@ def render_image(
         step of float32 (no float copy of the whole image).
     """
     layout, channels = model.layout, model.channels
+    height, width = layout.valid_shape(scale) if size is None else size
+    if height < 1 or width < 1:
+        raise MinerError(f"an image size must be at least 1 x 1, got {width} x {height}")
+    out_bytes = height * width * channels * np.dtype(dtype).itemsize
+    model.check_memory(f"rendering a {width} x {height} image", out_bytes)
     floating = np.issubdtype(dtype, np.floating)
     top = 1.0 if floating else np.iinfo(dtype).max
 
@@ -234,6 +246,11 @@ def save_image(model, path: Path, scale: int = 0, size: tuple[int, int] | None =
 
     dtype = np.uint16 if model.meta.get("dtype") == "uint16" else np.uint8
     if path.suffix.lower() in (".jpg", ".jpeg"):
+        if model.channels not in (1, 3):
+            raise MinerError(
+                f"JPEG holds gray or RGB images; this model has {model.channels} channels "
+                "(use .png or .tif)"
+            )
         dtype = np.uint8  # JPEG is 8-bit
     array = render_image(model, scale, size, dtype)
     with atomic_write(path) as tmp:

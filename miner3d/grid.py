@@ -184,9 +184,9 @@ class OccupancyGrid:
     @classmethod
     def load(cls, path: str | Path) -> OccupancyGrid:
         """Read a grid written by :meth:`save`. Peak memory: the grid plus its packed copy."""
-        path = Path(path)
-        if not path.is_file():
-            raise MinerError(f"grid file not found: {path}")
+        from .io import check_input_file
+
+        path = check_input_file(path, "grid file")
         with open(path, "rb") as fh:
             if fh.read(4) != b"PK\x03\x04":  # an .npz is a zip archive
                 raise MinerError(f"could not read grid file {path}: not an .npz archive")
@@ -196,11 +196,24 @@ class OccupancyGrid:
                 packed = data["packed"]
         except Exception as exc:  # any parse failure is the file's fault
             raise MinerError(f"could not read grid file {path}: {exc}") from None
-        if header.get("format") != "miner3d-grid":
+        if not isinstance(header, dict) or header.get("format") != "miner3d-grid":
             raise MinerError(f"{path} is not a miner3d grid file")
-        transform = GridTransform.from_dict(header["transform"])
-        n = math.prod(transform.shape)
-        if packed.size * 8 < n:
-            raise MinerError(f"grid file {path} is truncated")
-        occupancy = np.unpackbits(packed, count=n).reshape(transform.shape)
-        return cls(occupancy, transform, header.get("meta", {}))
+        try:
+            transform = GridTransform.from_dict(header["transform"])
+            shape = tuple(int(n) for n in transform.shape)
+            if len(shape) != 3 or min(shape) < 1 or any(n > 2**20 for n in shape):
+                raise ValueError(f"shape {shape}")
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise MinerError(f"grid file {path} has a malformed header ({exc})") from None
+        n = math.prod(shape)
+        if packed.ndim != 1 or packed.dtype != np.uint8 or packed.size != -(-n // 8):
+            raise MinerError(
+                f"grid file {path} is truncated or inconsistent: {packed.size:,} packed bytes "
+                f"for a {'x'.join(map(str, shape))} grid"
+            )
+        from .memory import preflight
+
+        preflight(f"loading the {'x'.join(map(str, shape))} grid {path}", n + packed.size)
+        occupancy = np.unpackbits(packed, count=n).reshape(shape)
+        meta = header.get("meta", {})
+        return cls(occupancy, transform, meta if isinstance(meta, dict) else {})

@@ -181,24 +181,58 @@ def map_tiff(path: Path) -> np.ndarray | None:
     return None
 
 
-def read_image(path: str | Path) -> tuple[np.ndarray, bool]:
+def _decoded_bytes(path: Path) -> tuple[int, str] | None:
+    """Bytes an image decodes to, from its header alone (``None`` if the header cannot
+    say): PIL for PNG/JPEG, tifffile for TIFF."""
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:
+                series = tif.series[0]
+                shape, itemsize = tuple(series.shape), series.dtype.itemsize
+        else:
+            from PIL import Image
+
+            with Image.open(path) as im:
+                shape = (*im.size, len(im.getbands()))
+                itemsize = 2 if im.mode.startswith("I;16") or im.mode in ("I", "F") else 1
+                itemsize = 4 if im.mode in ("I", "F") else itemsize
+    except Exception:  # the decoder will say what is wrong
+        return None
+    return int(np.prod(shape)) * itemsize, "x".join(map(str, shape))
+
+
+def read_image(path: str | Path, max_memory: int | None = None) -> tuple[np.ndarray, bool]:
     """An image file as ``(C, H, W)`` in its own dtype, and whether it is memory-mapped.
 
     Uncompressed TIFFs are memory-mapped (:func:`map_tiff`, no memory); anything else is
-    decoded (``H * W * C`` samples in the file's dtype). Raises :class:`MinerError` for a
-    missing or undecodable file, or one that is not ``(H, W)`` / ``(H, W, C)``.
+    decoded (``H * W * C`` samples in the file's dtype, and a channels-first copy): its size
+    is read from the header and checked against ``max_memory`` (default: the memory
+    available) before decoding, so any size that fits is read and none that does not is
+    tried. Raises :class:`MinerError` for a missing or undecodable file, or one that is not
+    ``(H, W)`` / ``(H, W, C)``.
     """
+    from PIL import Image
     from skimage import io as skio
+
+    from .memory import preflight
 
     path = check_input_file(path, "image file")
     image = map_tiff(path) if path.suffix.lower() in (".tif", ".tiff") else None
     mapped = image is not None
     if image is None:
+        size = _decoded_bytes(path)
+        if size is not None:
+            preflight(f"decoding the {size[1]} image {path}", 2 * size[0], max_memory)
+        bomb_guard, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # sized above
         try:
             image = np.asarray(skio.imread(path))
         except Exception as exc:  # any decoder failure is the file's fault
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise MinerError(f"could not read image {path}: {reason}") from None
+        finally:
+            Image.MAX_IMAGE_PIXELS = bomb_guard
         if image.ndim == 2:
             image = image[None]
         elif image.ndim == 3:

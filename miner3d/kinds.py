@@ -180,7 +180,7 @@ def read_signal(
     if kind.name == "image":
         if path.suffix.lower() not in IMAGE_EXTENSIONS:
             raise MinerError(f"{path} is not an image ({', '.join(IMAGE_EXTENSIONS)})")
-        image, mapped = read_image(path)
+        image, mapped = read_image(path, max_memory)
         scale = value_scale(image.dtype)
         if np.issubdtype(image.dtype, np.floating) and image.dtype != np.float32:
             image = image.astype(np.float32)

@@ -48,8 +48,54 @@ def format_size(n_bytes: float) -> str:
     raise AssertionError("unreachable")
 
 
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as fh:
+            text = fh.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def cgroup_headroom(
+    proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup"
+) -> int | None:
+    """Bytes this process's own cgroup (and every cgroup above it) still allows, the tightest
+    of them: cgroup v2 ``memory.max - memory.current``, or v1 ``memory.limit_in_bytes -
+    memory.usage_in_bytes``; ``None`` where no limit applies or none can be read."""
+    try:
+        with open(proc_cgroup) as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return None
+    places = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if controllers == "":  # v2, unified
+            places.append((root, path, "memory.max", "memory.current"))
+        elif "memory" in controllers.split(","):
+            places.append(
+                (f"{root}/memory", path, "memory.limit_in_bytes", "memory.usage_in_bytes")
+            )
+    best = None
+    for base, path, limit_name, usage_name in places:
+        parts = [p for p in path.split("/") if p]
+        for depth in range(len(parts), -1, -1):  # own cgroup first, then its parents
+            folder = "/".join([base, *parts[:depth]])
+            limit = _read_int(f"{folder}/{limit_name}")
+            usage = _read_int(f"{folder}/{usage_name}")
+            if limit is not None and usage is not None and limit < 1 << 60:
+                room = max(0, limit - usage)
+                best = room if best is None else min(best, room)
+    return best
+
+
 def available_memory() -> int:
-    """Bytes this process may still allocate: MemAvailable, capped by a cgroup limit."""
+    """Bytes this process may still allocate: MemAvailable, capped by what its own cgroup
+    (and those above it) allow."""
     avail = None
     try:
         with open("/proc/meminfo") as fh:
@@ -61,24 +107,8 @@ def available_memory() -> int:
         pass
     if avail is None:
         avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-    for limit_file, usage_file in (
-        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-        (
-            "/sys/fs/cgroup/memory/memory.limit_in_bytes",
-            "/sys/fs/cgroup/memory/memory.usage_in_bytes",
-        ),
-    ):
-        try:
-            with open(limit_file) as fh:
-                limit = fh.read().strip()
-            with open(usage_file) as fh:
-                usage = int(fh.read().strip())
-        except (OSError, ValueError):
-            continue
-        if limit.isdigit():
-            avail = min(avail, int(limit) - usage)
-        break
-    return avail
+    room = cgroup_headroom()
+    return avail if room is None else min(avail, room)
 
 
 def preflight(what: str, needed: int, max_memory: int | None = None, hint: str = "") -> None:

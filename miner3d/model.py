@@ -18,12 +18,13 @@ part of the model's definition: the trainer fits each finer scale to the residua
 these rounded fields, so the rounding is absorbed by the finer scales and never accumulates
 (the finest scale, evaluated in float32, takes the last of it).
 
-One file, ``model.safetensors``: tensors only, with the layout, architecture, transform and
-config as JSON in its metadata.
+One file, ``model.safetensors``: tensors, with layout, architecture, transform and config as
+JSON metadata, checked on reading by :mod:`miner3d.modelfile`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -135,6 +136,21 @@ class MinerModel:
             return str(self.meta["signal_kind"])
         return "occupancy" if self.meta.get("occupancy", self.layout.ndim == 3) else "image"
 
+    def field_bytes(self) -> int:
+        """Bytes of the dense float16 residual fields of scales >= 1 that decoding, querying
+        and extraction hold (``2 / (2^d - 1)`` bytes per full-resolution sample, channel)."""
+        return sum(
+            2 * self.channels * math.prod(self.layout.scale_shape(k))
+            for k in range(1, self.layout.n_scales)
+        )
+
+    def check_memory(self, what: str, extra: int = 0, max_memory: int | None = None) -> None:
+        """Refuse ``what`` before allocating if the coarse fields and ``extra`` bytes exceed
+        the budget (:func:`miner3d.memory.preflight`)."""
+        from .memory import preflight
+
+        preflight(what, self.field_bytes() + extra + (128 << 20), max_memory)
+
     @property
     def n_params(self) -> int:
         return sum(s.bank.n_params for s in self.scales if s is not None)
@@ -145,8 +161,7 @@ class MinerModel:
         return self._slots[j][ids]
 
     def mlp_blocks(self, j: int) -> int:
-        s = self.scales[j]
-        return 0 if s is None else len(s.block_ids)
+        return 0 if self.scales[j] is None else len(self.scales[j].block_ids)
 
     # -- evaluation ----------------------------------------------------------------------
     @torch.no_grad()
@@ -366,26 +381,20 @@ class MinerModel:
 
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str = "cpu") -> MinerModel:
-        """Read a model written by :meth:`save`."""
-        from .io import read_safetensors
+        """Read a model written by :meth:`save`; every claim of its header is checked first
+        (:mod:`miner3d.modelfile`). Memory: the file's tensors."""
+        from .modelfile import read_model_file
 
-        header, tensors = read_safetensors(path, "miner3d", "model")
-        layout_d = header["layout"]
-        layout = BlockLayout(tuple(layout_d["shape"]), layout_d["block"], layout_d["n_scales"])
-        bank_shape = BankShape(**header["bank_shape"])
-        transform = header["transform"]
+        head, tensors = read_model_file(path, scale_prefix)
         model = cls(
-            layout,
-            bank_shape,
-            header["channels"],
-            None if transform is None else GridTransform.from_dict(transform),
-            header["gaussian"],
-            header["meta"],
+            head.layout,
+            head.bank_shape,
+            head.channels,
+            head.transform,
+            head.gaussian,
+            head.meta,
             device,
         )
-        try:
-            for j in range(layout.n_scales):
-                model.load_scale_state_dict(j, tensors)
-        except KeyError as exc:
-            raise MinerError(f"could not read model {path}: tensor {exc} is missing") from None
+        for j in range(head.layout.n_scales):
+            model.load_scale_state_dict(j, tensors)
         return model
