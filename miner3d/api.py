@@ -18,6 +18,7 @@ directory (:mod:`miner3d.rundir`) exactly as ``miner3d fit -o DIR`` does.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -214,18 +215,20 @@ def fit(
         )
         return FitResult(Model(model), summary, history, None)
     run_dir = Path(output)
+    started = time.time() - 1e-3
     lock, created = rundir.open_run_dir(run_dir, force, break_lock)
     try:
         model, summary, history = pipeline.run(
             signal_in, path, the_kind, cfg, device, info, run_dir, None, budget, progress, banner
         )
     except FitInterrupted:
+        lock.release()
         raise
     except BaseException:
-        rundir.discard_failed(run_dir, created)
-        raise
-    finally:
         lock.release()
+        rundir.discard_failed(run_dir, created, started)
+        raise
+    lock.release()
     return FitResult(Model(model), summary, history, run_dir)
 
 

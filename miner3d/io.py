@@ -222,12 +222,14 @@ def read_image(path: str | Path, max_memory: int | None = None) -> tuple[np.ndar
     image = map_tiff(path) if path.suffix.lower() in (".tif", ".tiff") else None
     mapped = image is not None
     if image is None:
-        size = _decoded_bytes(path)
-        if size is not None:
-            preflight(f"decoding the {size[1]} image {path}", 2 * size[0], max_memory)
-        bomb_guard, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # sized above
+        bomb_guard, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # sized below
         try:
+            size = _decoded_bytes(path)
+            if size is not None:
+                preflight(f"decoding the {size[1]} image {path}", 2 * size[0], max_memory)
             image = np.asarray(skio.imread(path))
+        except MinerError:
+            raise
         except Exception as exc:  # any decoder failure is the file's fault
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise MinerError(f"could not read image {path}: {reason}") from None

@@ -235,13 +235,16 @@ def remove_stale(run_dir: Path) -> None:
     remove_checkpoints(run_dir)
 
 
-def discard_failed(run_dir: Path, created: bool) -> None:
-    """After a fit that failed before its first checkpoint: remove the files it wrote, and the
-    directory if it made it, so that the same command can simply be run again."""
+def discard_failed(run_dir: Path, created: bool, since: float) -> None:
+    """After a fit that failed before its first checkpoint: remove the files it wrote (those
+    modified at or after ``since``, a ``time.time()``), and the directory if it made it, so
+    that the same command can simply be run again; an earlier run's files stay."""
     if (run_dir / CHECKPOINT).exists() or (run_dir / PREVIOUS_CHECKPOINT).exists():
         return
     for name in (CONFIG, RUN, GRID, METRICS):
-        (run_dir / name).unlink(missing_ok=True)
+        path = run_dir / name
+        if path.exists() and path.stat().st_mtime >= since:
+            path.unlink()
     remove_temporaries(run_dir)
     if created:
         try:

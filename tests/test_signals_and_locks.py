@@ -1,0 +1,113 @@
+"""Batch schedulers' signals checkpoint the fit; one writer per run directory (issue 17)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from miner3d.checkpoint import load_checkpoint
+from miner3d.errors import MinerError
+from miner3d.lock import RunLock
+from miner3d.model import MinerModel
+
+
+def _fit(out: Path, mesh: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "miner3d", "fit", str(mesh), "-o", str(out), "-q", *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _last_row(metrics: Path) -> dict | None:
+    try:
+        rows = list(csv.DictReader(metrics.open()))
+    except OSError:
+        return None
+    rows = [r for r in rows if r["event"] == "iteration" and r["iteration"]]
+    return rows[-1] if rows else None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_stop_signal_checkpoints_the_current_iteration(tmp_path, meshes_dir, signum):
+    out = tmp_path / "run"
+    proc = _fit(out, meshes_dir / "lucy.ply", "-r", "64", "--checkpoint-every", "100m")
+    deadline = time.monotonic() + 120
+    row = None
+    while time.monotonic() < deadline and proc.poll() is None:
+        row = _last_row(out / "metrics.csv")  # appended live
+        if row is not None and row["scale"] == "1" and int(row["iteration"]) >= 100:
+            break
+        time.sleep(0.05)
+    assert row is not None and proc.poll() is None, "the fit ended before the signal"
+    seen = int(row["iteration"])
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signum, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and signal.Signals(signum).name in lines[0], err
+    assert f"miner3d fit --resume {out}" in lines[0]
+    state = load_checkpoint(out / "checkpoint.safetensors").state
+    assert state["scale"] == 1 and state["iteration"] >= seen
+    resumed = subprocess.run(
+        [sys.executable, "-m", "miner3d", "fit", "--resume", str(out), "-q"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((out / "summary.json").read_text())["iou"] >= 0.99
+
+
+@pytest.mark.slow
+def test_two_writers_of_one_run_directory(tmp_path, meshes_dir):
+    out = tmp_path / "run"
+    for trial in range(2):
+        procs = [
+            _fit(out, meshes_dir / name, "-r", "32", "--iters", "100")
+            for name in ("teapot.obj", "fandisk.obj")
+        ]
+        results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+        winners = [r for r in results if r[0] == 0]
+        assert len(winners) <= 1, results
+        for code, err in results:
+            if code != 0:
+                assert "in use by PID" in err or "exists" in err, err
+        if winners:
+            run = json.loads((out / "run.json").read_text())
+            summary = json.loads((out / "summary.json").read_text())
+            model = MinerModel.load(out / "model.safetensors")
+            assert run["sha256"] == summary["input"]["sha256"] == model.meta["source_sha256"]
+        assert not (out / ".lock").exists()
+        for path in out.iterdir() if trial == 0 else []:
+            path.unlink()
+
+
+def test_the_lock_names_its_holder_and_expires_with_it(tmp_path):
+    with RunLock(tmp_path):
+        with pytest.raises(MinerError, match=f"in use by PID {os.getpid()}"):
+            RunLock(tmp_path).acquire()
+    assert not (tmp_path / ".lock").exists()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    (tmp_path / ".lock").write_text(json.dumps({"host": host, "pid": dead.pid, "started": "x"}))
+    with RunLock(tmp_path):  # stale: its process is gone
+        pass
+    other = {"host": "elsewhere", "pid": 1, "started": "yesterday"}
+    (tmp_path / ".lock").write_text(json.dumps(other))
+    with pytest.raises(MinerError, match="--break-lock"):
+        RunLock(tmp_path).acquire()
+    with RunLock(tmp_path, break_lock=True):
+        assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
