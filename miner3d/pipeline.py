@@ -91,26 +91,17 @@ class StopFlag:
         self._previous.clear()
 
 
-def estimate_fit_bytes(
-    padded_samples: int, channels: int, ndim: int, signal_bytes: int, fit
-) -> int:
-    """Peak bytes of a fit (see :func:`miner3d.train.fit`): the signal held in memory
-    (``signal_bytes``, 0 for a memory map), the float16 residual fields of scales >= 1
-    (``2 / (2^d - 1)`` bytes per sample and channel) with scale 1's cached targets
-    (``2 / 2^d`` at most), one chunk of activations, and 256 MiB for torch itself. The MLP
-    banks are not counted (their size depends on how much the fit prunes)."""
-    coarse = 2 / (2**ndim - 1) + (2 / 2**ndim if fit.n_scales > 1 else 0)
-    activations = fit.batch_samples * (3 * fit.hidden_layers + 2) * max(fit.hidden, channels) * 4
-    return int(signal_bytes + padded_samples * channels * coarse + activations) + 256 * 2**20
-
-
 def _preflight(sig: Signal, cfg: RunConfig, max_memory: int | None) -> None:
+    """Refuse the fit before it allocates if its predicted peak (:mod:`miner3d.estimates`:
+    signal, coarse fields, target cache, MLP banks with Adam's state for the predicted live
+    blocks, activations) exceeds the budget."""
     from .blocks import BlockLayout
+    from .estimates import fit_bytes, predicted_live_blocks
 
     layout = BlockLayout(sig.shape, cfg.fit.block, cfg.fit.n_scales)
     held = 0 if isinstance(sig.data, np.memmap) else sig.data.nbytes
-    padded = math.prod(layout.padded)
-    needed = estimate_fit_bytes(padded, sig.channels, len(sig.shape), held, cfg.fit)
+    live = predicted_live_blocks(sig.data, sig.kind.binary, layout)
+    needed = sum(fit_bytes(layout, sig.channels, held, cfg.fit, live).values())
     hint = ""
     if sig.kind.name == "occupancy":
         fits = cfg.resolution

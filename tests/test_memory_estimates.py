@@ -1,0 +1,60 @@
+"""The memory preflight's estimates against measurements (issue 17)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import miner3d
+from miner3d.blocks import BlockLayout
+from miner3d.estimates import predicted_live_blocks
+
+CHILD = r"""
+import json, sys
+from miner3d.io import load_mesh
+from miner3d.memory import peak_rss
+from miner3d.voxelizer import estimate_voxelize_bytes, voxelize
+
+def rss():
+    with open("/proc/self/status") as fh:
+        return next(int(l.split()[1]) * 1024 for l in fh if l.startswith("VmRSS:"))
+
+mesh = load_mesh(sys.argv[1])
+voxelize(mesh, 32, cube=True)  # numba and the imports, before the measurement
+with open("/proc/self/clear_refs", "w") as fh:
+    fh.write("5")
+base = rss()
+grid = voxelize(mesh, int(sys.argv[2]), cube=True)
+estimate = estimate_voxelize_bytes(grid.shape, len(mesh.vertices), len(mesh.faces))
+print(json.dumps({"peak": peak_rss() - base, "estimate": estimate}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("resolution", [640, 800])  # about 0.5 and 1 GiB
+def test_voxelize_estimate_is_within_a_quarter_of_the_measured_peak(meshes_dir, resolution):
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, str(meshes_dir / "lucy.ply"), str(resolution)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    figures = json.loads(out.stdout.strip().splitlines()[-1])
+    ratio = figures["peak"] / figures["estimate"]
+    assert 0.75 <= ratio <= 1.25, figures
+
+
+def test_predicted_live_blocks_match_the_fit(meshes_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    grid = miner3d.voxelize(meshes_dir / "lucy.ply", 96)
+    result = miner3d.fit(grid, max_iters=40)
+    core = result.model.core
+    predicted = predicted_live_blocks(grid.occupancy[None], True, core.layout)
+    for j in range(core.layout.n_scales):
+        actual = core.mlp_blocks(j)
+        assert abs(predicted[j] - actual) <= 0.2 * actual + 5, (j, predicted, actual)
+    layout = BlockLayout((400, 600), 32, 3)
+    assert predicted_live_blocks(None, False, layout) == [13 * 19, 7 * 10, 4 * 5]
