@@ -231,3 +231,18 @@ def test_a_large_image_is_sized_by_the_budget_not_a_bomb_guard(tmp_path):
     image, mapped = read_image(path)
     assert image.shape == (1, 10000, 20000) and not mapped
     assert Image.MAX_IMAGE_PIXELS is not None  # the guard is restored for everyone else
+
+
+def test_an_unreadable_input(cli, expect_error, meshes_dir, tmp_path, monkeypatch):
+    # root reads every file, so the permission is denied through os.access, as for a user
+    real_access = os.access
+    monkeypatch.setattr(
+        os,
+        "access",
+        lambda path, mode: False if str(path).endswith("locked.obj") else real_access(path, mode),
+    )
+    locked = tmp_path / "locked.obj"
+    locked.write_text((meshes_dir / "teapot.obj").read_text())
+    code, _, err = cli("fit", locked, "-o", tmp_path / "run", "--debug")
+    expect_error(code, err, "permission denied")
+    assert not (tmp_path / "run").exists()
