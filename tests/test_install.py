@@ -25,9 +25,20 @@ def test_packaged_lucy_is_the_repositorys():
 
 @pytest.mark.slow
 def test_non_editable_install_fits_from_an_empty_directory(tmp_path):
+    import shutil
+
+    source = tmp_path / "source"  # a copy: the build leaves build/ and *.egg-info behind
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "miner3d", "configs", "meshes"):
+        if (ROOT / name).is_dir():
+            shutil.copytree(
+                ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__")
+            )
+        else:
+            shutil.copy(ROOT / name, source / name)
     target = tmp_path / "site"
     build = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", target, ROOT],
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", target, source],
         capture_output=True,
         text=True,
         check=False,
