@@ -13,10 +13,12 @@ MLP; that count is predicted from the signal:
   image preset's 45 dB pruning level; a flat image is over-estimated).
 
 Measured against the peak RSS increase of fresh processes on the 2-core machine (the fit
-alone): 0.71x and 0.75x of this estimate for Lucy at 256 and 512 (cpu preset), 0.73x, 1.04x
-and 0.80x for synthetic 4096^2, 6144^2 and 8192^2 images (image preset). The estimate errs on
-the high side by up to 30 % (the activations term is the loosest); a calibration to +-25 % is
-still to do.
+alone, 60-100 iterations per scale): 0.99x, 0.97x and 0.91x of this estimate for Lucy at 256,
+512 and 640 (cpu preset), 0.82x for a synthetic 4096^2 image (image preset);
+``tests/test_memory_estimates.py`` holds Lucy 512 and 640 within 25 %. Signals of 2^26
+samples or more run with freed blocks returned to the OS at once
+(:func:`miner3d.memory.return_large_frees`), and there the estimate is high: 0.72x for Lucy
+at 768, 0.86x for an 8192^2 image.
 """
 
 from __future__ import annotations
@@ -84,8 +86,8 @@ def fit_bytes(
         samples = min(b**d, max(64, fit.iteration_samples // max(1, live[0])))
     chunk = min(fit.batch_samples, samples * max(1, live[0]))
     width = max(fit.hidden, channels)
-    activations = chunk * (3 * fit.hidden_layers + 4) * width * 4
-    evaluation = min(1 << 24, (1 << 20) * width) * 4 * 3  # one streamed batch's activations
+    activations = chunk * (3 * fit.hidden_layers + 2) * width * 4
+    evaluation = 96 << 20  # one streamed batch of blocks (targets, metrics)
     return {
         "signal": int(signal_bytes),
         "fields": fields,

@@ -43,9 +43,12 @@ def image_ssim(model: MinerModel, image: np.ndarray, value_scale: float) -> floa
     from skimage.metrics import structural_similarity
 
     from .extract import render_image
+    from .memory import available_memory
 
     image = np.moveaxis(np.asarray(image), 0, -1)  # (H, W, C)
     if image.size > SSIM_MAX_SAMPLES or min(image.shape[:2]) < 7:
+        return None
+    if 48 * image.size > available_memory():  # skimage's float64 copies would not fit
         return None
     recon = render_image(model, 0, dtype=np.uint16).astype(np.float32) / 65535
     truth = image.astype(np.float32) * value_scale

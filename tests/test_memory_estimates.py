@@ -58,3 +58,44 @@ def test_predicted_live_blocks_match_the_fit(meshes_dir, tmp_path, monkeypatch):
         assert abs(predicted[j] - actual) <= 0.2 * actual + 5, (j, predicted, actual)
     layout = BlockLayout((400, 600), 32, 3)
     assert predicted_live_blocks(None, False, layout) == [13 * 19, 7 * 10, 4 * 5]
+
+
+FIT_CHILD = r"""
+import json, sys
+import numpy as np
+import miner3d
+from miner3d.blocks import BlockLayout
+from miner3d.estimates import fit_bytes, predicted_live_blocks
+from miner3d.memory import peak_rss
+
+def rss():
+    with open("/proc/self/status") as fh:
+        return next(int(l.split()[1]) * 1024 for l in fh if l.startswith("VmRSS:"))
+
+grid = miner3d.voxelize(sys.argv[1], int(sys.argv[2]))
+miner3d.fit(np.zeros((8, 8, 8), np.uint8), kind="occupancy", n_scales=1, block=8, max_iters=2)
+config = miner3d.effective_config(sys.argv[1], overrides={"max_iters": 60})
+data = grid.occupancy[None]
+layout = BlockLayout(grid.shape, config.fit.block, config.fit.n_scales)
+live = predicted_live_blocks(data, True, layout)
+estimate = sum(fit_bytes(layout, 1, data.nbytes, config.fit, live).values())
+with open("/proc/self/clear_refs", "w") as fh:
+    fh.write("5")
+base = rss()
+miner3d.fit(grid, preset=config.preset, max_iters=60)
+print(json.dumps({"peak": peak_rss() - base + data.nbytes, "estimate": estimate}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("resolution", [512, 640])  # below 2^26 voxels; see estimates.py
+def test_fit_estimate_is_within_a_quarter_of_the_measured_peak(meshes_dir, resolution):
+    out = subprocess.run(
+        [sys.executable, "-c", FIT_CHILD, str(meshes_dir / "lucy.ply"), str(resolution)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    figures = json.loads(out.stdout.strip().splitlines()[-1])
+    ratio = figures["peak"] / figures["estimate"]
+    assert 0.75 <= ratio <= 1.25, figures
