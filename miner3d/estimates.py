@@ -15,10 +15,11 @@ MLP; that count is predicted from the signal:
 Measured against the peak RSS increase of fresh processes on the 2-core machine (the fit
 alone, 60-100 iterations per scale): 0.99x, 0.97x and 0.91x of this estimate for Lucy at 256,
 512 and 640 (cpu preset), 0.82x for a synthetic 4096^2 image (image preset);
-``tests/test_memory_estimates.py`` holds Lucy 512 and 640 within 25 %. Signals of 2^26
-samples or more run with freed blocks returned to the OS at once
-(:func:`miner3d.memory.return_large_frees`), and there the estimate is high: 0.72x for Lucy
-at 768, 0.86x for an 8192^2 image.
+Signals of 2^26 samples or more run with freed blocks returned to the OS at once
+(:func:`miner3d.memory.return_large_frees`): their activations do not pile up, and half the
+term fits the measurements (0.99x for Lucy at 768, 0.96x for an 8192^2 image).
+``tests/test_memory_estimates.py`` holds Lucy at 640 and 768 (one size in each regime) within
+25 %.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from .bank import BankShape
 from .blocks import BlockLayout
 from .config import FitConfig
 
+LARGE_SIGNAL = 1 << 26
+"""Samples from which a fit returns freed blocks to the OS at once (:func:`miner3d.train.fit`)."""
 TORCH_OVERHEAD = 96 << 20
 """Allocator and kernel workspace a fit adds beyond its tensors (measured)."""
 
@@ -87,6 +90,8 @@ def fit_bytes(
     chunk = min(fit.batch_samples, samples * max(1, live[0]))
     width = max(fit.hidden, channels)
     activations = chunk * (3 * fit.hidden_layers + 2) * width * 4
+    if math.prod(layout.shape) * channels >= LARGE_SIGNAL:
+        activations //= 2  # freed at once (return_large_frees): they do not pile up
     evaluation = 96 << 20  # one streamed batch of blocks (targets, metrics)
     return {
         "signal": int(signal_bytes),

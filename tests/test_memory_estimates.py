@@ -88,7 +88,7 @@ print(json.dumps({"peak": peak_rss() - base + data.nbytes, "estimate": estimate}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("resolution", [512, 640])  # below 2^26 voxels; see estimates.py
+@pytest.mark.parametrize("resolution", [640, 768])  # below and above 2^26 voxels
 def test_fit_estimate_is_within_a_quarter_of_the_measured_peak(meshes_dir, resolution):
     out = subprocess.run(
         [sys.executable, "-c", FIT_CHILD, str(meshes_dir / "lucy.ply"), str(resolution)],
