@@ -144,13 +144,6 @@ class MinerModel:
             for k in range(1, self.layout.n_scales)
         )
 
-    def check_memory(self, what: str, extra: int = 0, max_memory: int | None = None) -> None:
-        """Refuse ``what`` before allocating if the coarse fields and ``extra`` bytes exceed
-        the budget (:func:`miner3d.memory.preflight`)."""
-        from .memory import preflight
-
-        preflight(what, self.field_bytes() + extra + (128 << 20), max_memory)
-
     @property
     def n_params(self) -> int:
         return sum(s.bank.n_params for s in self.scales if s is not None)

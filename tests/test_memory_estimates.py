@@ -99,3 +99,36 @@ def test_fit_estimate_is_within_a_quarter_of_the_measured_peak(meshes_dir, resol
     figures = json.loads(out.stdout.strip().splitlines()[-1])
     ratio = figures["peak"] / figures["estimate"]
     assert 0.75 <= ratio <= 1.25, figures
+
+
+RENDER_CHILD = r"""
+import json, sys
+import numpy as np
+import miner3d
+from miner3d.extract import image_bytes, render_image
+from miner3d.memory import peak_rss
+
+def rss():
+    with open("/proc/self/status") as fh:
+        return next(int(l.split()[1]) * 1024 for l in fh if l.startswith("VmRSS:"))
+
+rgb = (np.random.default_rng(0).random((256, 256, 3)) * 255).astype(np.uint8)
+model = miner3d.fit(rgb, kind="image", n_scales=2, block=16, max_iters=5).model.core
+render_image(model, 0, (64, 64))
+n = int(sys.argv[1])
+with open("/proc/self/clear_refs", "w") as fh:
+    fh.write("5")
+base = rss()
+render_image(model, 0, (n, n))
+print(json.dumps({"peak": peak_rss() - base, "estimate": image_bytes(model, 0, (n, n))}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("side", [4096, 8192])
+def test_render_estimate_is_within_a_quarter_of_the_measured_peak(side):
+    out = subprocess.run(
+        [sys.executable, "-c", RENDER_CHILD, str(side)], capture_output=True, text=True, check=True
+    )
+    figures = json.loads(out.stdout.strip().splitlines()[-1])
+    assert 0.75 <= figures["peak"] / figures["estimate"] <= 1.25, figures
