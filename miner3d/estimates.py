@@ -18,8 +18,8 @@ alone, 60-100 iterations per scale): 0.99x, 0.97x and 0.91x of this estimate for
 Signals of 2^26 samples or more run with freed blocks returned to the OS at once
 (:func:`miner3d.memory.return_large_frees`): their activations do not pile up, and half the
 term fits the measurements (0.99x for Lucy at 768, 0.96x for an 8192^2 image).
-``tests/test_memory_estimates.py`` holds Lucy at 640 and 768 (one size in each regime) within
-25 %.
+``tests/test_memory_estimates.py`` holds Lucy at 640 and 768 (one size in each regime) and a
+4096^2 image within 25 %.
 """
 
 from __future__ import annotations
