@@ -12,39 +12,48 @@ import miner3d
 from miner3d.blocks import BlockLayout
 from miner3d.estimates import predicted_live_blocks
 
-CHILD = r"""
+# each child process: its RSS now, the high-water mark reset to it (Linux), then the job
+MEASURE = r"""
+def measure_from_now():
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    with open("/proc/self/status") as fh:
+        return next(int(l.split()[1]) * 1024 for l in fh if l.startswith("VmRSS:"))
+"""
+
+
+def _assert_within_a_quarter(child: str, *args) -> None:
+    """Run ``child`` in a fresh process; its peak RSS increase within 25 % of its estimate."""
+    out = subprocess.run(
+        [sys.executable, "-c", child, *map(str, args)], capture_output=True, text=True, check=True
+    )
+    figures = json.loads(out.stdout.strip().splitlines()[-1])
+    assert 0.75 <= figures["peak"] / figures["estimate"] <= 1.25, figures
+
+
+CHILD = (
+    MEASURE
+    + r"""
 import json, sys
 from miner3d.io import load_mesh
 from miner3d.memory import peak_rss
 from miner3d.voxelizer import estimate_voxelize_bytes, voxelize
 
-def rss():
-    with open("/proc/self/status") as fh:
-        return next(int(l.split()[1]) * 1024 for l in fh if l.startswith("VmRSS:"))
 
 mesh = load_mesh(sys.argv[1])
 voxelize(mesh, 32, cube=True)  # numba and the imports, before the measurement
-with open("/proc/self/clear_refs", "w") as fh:
-    fh.write("5")
-base = rss()
+base = measure_from_now()
 grid = voxelize(mesh, int(sys.argv[2]), cube=True)
 estimate = estimate_voxelize_bytes(grid.shape, len(mesh.vertices), len(mesh.faces))
 print(json.dumps({"peak": peak_rss() - base, "estimate": estimate}))
 """
+)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("resolution", [640, 800])  # about 0.5 and 1 GiB
 def test_voxelize_estimate_is_within_a_quarter_of_the_measured_peak(meshes_dir, resolution):
-    out = subprocess.run(
-        [sys.executable, "-c", CHILD, str(meshes_dir / "lucy.ply"), str(resolution)],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    figures = json.loads(out.stdout.strip().splitlines()[-1])
-    ratio = figures["peak"] / figures["estimate"]
-    assert 0.75 <= ratio <= 1.25, figures
+    _assert_within_a_quarter(CHILD, meshes_dir / "lucy.ply", resolution)
 
 
 def test_predicted_live_blocks_match_the_fit(meshes_dir, tmp_path, monkeypatch):
@@ -60,7 +69,9 @@ def test_predicted_live_blocks_match_the_fit(meshes_dir, tmp_path, monkeypatch):
     assert predicted_live_blocks(None, False, layout) == [13 * 19, 7 * 10, 4 * 5]
 
 
-FIT_CHILD = r"""
+FIT_CHILD = (
+    MEASURE
+    + r"""
 import json, sys
 import numpy as np
 import miner3d
@@ -70,9 +81,6 @@ from miner3d.kinds import get_kind
 from miner3d.memory import peak_rss
 from miner3d.train import fit
 
-def rss():
-    with open("/proc/self/status") as fh:
-        return next(int(l.split()[1]) * 1024 for l in fh if l.startswith("VmRSS:"))
 
 what, size = sys.argv[1], int(sys.argv[2])
 if what == "image":  # a photo-like image: waves and noise, detail everywhere
@@ -90,12 +98,11 @@ fit(np.zeros((1,) + (8,) * kind.ndim, np.uint8), config.fit, kind=kind, device="
 layout = BlockLayout(data.shape[1:], config.fit.block, config.fit.n_scales)
 live = predicted_live_blocks(data, kind.binary, layout)
 estimate = sum(fit_bytes(layout, 1, data.nbytes, config.fit, live).values())
-with open("/proc/self/clear_refs", "w") as fh:
-    fh.write("5")
-base = rss()
+base = measure_from_now()
 fit(data, config.fit, kind=kind, value_scale=scale, device="cpu")
 print(json.dumps({"peak": peak_rss() - base + data.nbytes, "estimate": estimate}))
 """
+)
 
 
 @pytest.mark.slow
@@ -105,45 +112,31 @@ print(json.dumps({"peak": peak_rss() - base + data.nbytes, "estimate": estimate}
 )
 def test_fit_estimate_is_within_a_quarter_of_the_measured_peak(meshes_dir, what, size):
     source = str(meshes_dir / "lucy.ply") if what == "lucy" else what
-    out = subprocess.run(
-        [sys.executable, "-c", FIT_CHILD, source, str(size)],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    figures = json.loads(out.stdout.strip().splitlines()[-1])
-    ratio = figures["peak"] / figures["estimate"]
-    assert 0.75 <= ratio <= 1.25, figures
+    _assert_within_a_quarter(FIT_CHILD, source, size)
 
 
-RENDER_CHILD = r"""
+RENDER_CHILD = (
+    MEASURE
+    + r"""
 import json, sys
 import numpy as np
 import miner3d
 from miner3d.extract import image_bytes, render_image
 from miner3d.memory import peak_rss
 
-def rss():
-    with open("/proc/self/status") as fh:
-        return next(int(l.split()[1]) * 1024 for l in fh if l.startswith("VmRSS:"))
 
 rgb = (np.random.default_rng(0).random((256, 256, 3)) * 255).astype(np.uint8)
 model = miner3d.fit(rgb, kind="image", n_scales=2, block=16, max_iters=5).model.core
 render_image(model, 0, (64, 64))
 n = int(sys.argv[1])
-with open("/proc/self/clear_refs", "w") as fh:
-    fh.write("5")
-base = rss()
+base = measure_from_now()
 render_image(model, 0, (n, n))
 print(json.dumps({"peak": peak_rss() - base, "estimate": image_bytes(model, 0, (n, n))}))
 """
+)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("side", [4096, 8192])
 def test_render_estimate_is_within_a_quarter_of_the_measured_peak(side):
-    out = subprocess.run(
-        [sys.executable, "-c", RENDER_CHILD, str(side)], capture_output=True, text=True, check=True
-    )
-    figures = json.loads(out.stdout.strip().splitlines()[-1])
-    assert 0.75 <= figures["peak"] / figures["estimate"] <= 1.25, figures
+    _assert_within_a_quarter(RENDER_CHILD, side)
