@@ -30,6 +30,20 @@ def _process_start(pid: int) -> str | None:
         return None
 
 
+def _link(staged: Path, path: Path) -> None:
+    """Create ``path`` with ``staged``'s content, atomically, failing with
+    ``FileExistsError`` if it exists: a hard link; where the file system has none, an
+    exclusive create and a copy (a reader may then briefly see it empty)."""
+    try:
+        os.link(staged, path)
+    except FileExistsError:
+        raise
+    except OSError:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(staged.read_text())
+
+
 def _alive(pid: int, started: str | None) -> bool:
     try:
         os.kill(pid, 0)
@@ -62,35 +76,48 @@ class RunLock:
             return None
 
     def acquire(self) -> RunLock:
+        """Take the lock, or raise a one-line :class:`MinerError` naming its holder. The lock
+        file appears whole or not at all (written aside, then hard-linked into place, which
+        fails if a lock exists), so a reader never sees a half-written one."""
         me = {
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "process_start": _process_start(os.getpid()),
             "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
-        for _ in range(3):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self._holder()
-                stale = holder is None or (
-                    holder.get("host") == me["host"]
-                    and not _alive(int(holder.get("pid", -1)), holder.get("process_start"))
-                )
-                if stale or self.break_lock:
-                    self.path.unlink(missing_ok=True)
-                    continue
-                raise MinerError(
-                    f"{self.path.parent} is in use by PID {holder.get('pid')} on "
-                    f"{holder.get('host')} since {holder.get('started')}; if that process is "
-                    "gone, pass --break-lock"
-                ) from None
-            except OSError as exc:
-                raise MinerError(f"cannot lock {self.path.parent}: {exc.strerror or exc}") from None
-            with os.fdopen(fd, "w") as fh:
-                json.dump(me, fh)
-            self.held = True
-            return self
+        staged = self.path.with_name(f"{LOCK}.{me['host']}.{me['pid']}.tmp")
+        try:
+            staged.write_text(json.dumps(me))
+        except OSError as exc:
+            raise MinerError(f"cannot lock {self.path.parent}: {exc.strerror or exc}") from None
+        try:
+            for _ in range(3):
+                try:
+                    _link(staged, self.path)
+                except FileExistsError:
+                    holder = self._holder()
+                    pid = None if holder is None else holder.get("pid")
+                    if not isinstance(pid, int) or pid <= 0:  # unreadable: someone else's
+                        holder = {"pid": "?", "host": "?", "started": "?"}
+                    stale = holder.get("host") == me["host"] and not _alive(
+                        pid, holder.get("process_start")
+                    )
+                    if stale or self.break_lock:
+                        self.path.unlink(missing_ok=True)
+                        continue
+                    raise MinerError(
+                        f"{self.path.parent} is in use by PID {holder.get('pid')} on "
+                        f"{holder.get('host')} since {holder.get('started')}; if that process "
+                        "is gone, pass --break-lock"
+                    ) from None
+                except OSError as exc:
+                    raise MinerError(
+                        f"cannot lock {self.path.parent}: {exc.strerror or exc}"
+                    ) from None
+                self.held = True
+                return self
+        finally:
+            staged.unlink(missing_ok=True)
         raise MinerError(f"could not take the lock of {self.path.parent}")
 
     def release(self) -> None:

@@ -111,3 +111,14 @@ def test_the_lock_names_its_holder_and_expires_with_it(tmp_path):
         RunLock(tmp_path).acquire()
     with RunLock(tmp_path, break_lock=True):
         assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
+
+
+def test_an_unreadable_lock_is_never_taken_over_silently(tmp_path):
+    # a lock being written by another process must not look stale (this race once let two
+    # writers both finish); only --break-lock takes it
+    (tmp_path / ".lock").write_text("")
+    with pytest.raises(MinerError, match="in use by PID"):
+        RunLock(tmp_path).acquire()
+    with RunLock(tmp_path, break_lock=True):
+        pass
+    assert not list(tmp_path.glob(".lock*"))
