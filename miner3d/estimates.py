@@ -17,7 +17,8 @@ alone, 60-100 iterations per scale): 0.99x, 0.97x and 0.91x of this estimate for
 512 and 640 (cpu preset), 0.82x for a synthetic 4096^2 image (image preset);
 Signals of 2^26 samples or more run with freed blocks returned to the OS at once
 (:func:`miner3d.memory.return_large_frees`): their activations do not pile up, and half the
-term fits the measurements (0.99x for Lucy at 768, 0.96x for an 8192^2 image).
+term fits the measurements (0.92x for Lucy at 768 with 60 iterations per scale, 0.96x for
+an 8192^2 image; Lucy at 640 measured 1.04x that way).
 ``tests/test_memory_estimates.py`` holds Lucy at 640 and 768 (one size in each regime) and a
 4096^2 image within 25 %.
 """
