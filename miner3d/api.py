@@ -315,7 +315,7 @@ def _check_resume(run_dir: Path, cfg: RunConfig, ckpt: Checkpoint | None, info: 
                 )
     grid = run_dir / rundir.GRID
     if info.get("kind") == "mesh" and grid.exists():
-        meta = OccupancyGrid.load(grid).meta
+        meta = OccupancyGrid.read_header(grid)[0]["meta"]  # the voxels are read once, later
         expected = {
             "resolution": cfg.resolution,
             "method": cfg.voxelizer,

@@ -181,9 +181,10 @@ class OccupancyGrid:
                 np.savez_compressed(fh, packed=packed, header=np.array(json.dumps(header)))
         return path
 
-    @classmethod
-    def load(cls, path: str | Path) -> OccupancyGrid:
-        """Read a grid written by :meth:`save`. Peak memory: the grid plus its packed copy."""
+    @staticmethod
+    def read_header(path: str | Path) -> tuple[dict[str, Any], GridTransform]:
+        """The checked header of a grid file and its transform, reading nothing else (the
+        packed voxels stay on disk): for callers that need only the metadata."""
         from .io import check_input_file
 
         path = check_input_file(path, "grid file")
@@ -193,7 +194,6 @@ class OccupancyGrid:
         try:
             with np.load(path, allow_pickle=False) as data:
                 header = json.loads(str(data["header"]))
-                packed = data["packed"]
         except Exception as exc:  # any parse failure is the file's fault
             raise MinerError(f"could not read grid file {path}: {exc}") from None
         if not isinstance(header, dict) or header.get("format") != "miner3d-grid":
@@ -205,15 +205,46 @@ class OccupancyGrid:
                 raise ValueError(f"shape {shape}")
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise MinerError(f"grid file {path} has a malformed header ({exc})") from None
-        n = math.prod(shape)
-        if packed.ndim != 1 or packed.dtype != np.uint8 or packed.size != -(-n // 8):
-            raise MinerError(
-                f"grid file {path} is truncated or inconsistent: {packed.size:,} packed bytes "
-                f"for a {'x'.join(map(str, shape))} grid"
-            )
+        if not isinstance(header.get("meta"), dict):
+            header["meta"] = {}
+        return header, transform
+
+    @classmethod
+    def load(cls, path: str | Path) -> OccupancyGrid:
+        """Read a grid written by :meth:`save`. The packed voxels' declared size is checked
+        against the header and the memory budget before they are read. Peak memory: the grid
+        plus its packed copy."""
+        import zipfile
+
         from .memory import preflight
 
-        preflight(f"loading the {'x'.join(map(str, shape))} grid {path}", n + packed.size)
+        header, transform = cls.read_header(path)
+        shape = transform.shape
+        n = math.prod(shape)
+        expected = -(-n // 8)
+        try:
+            with zipfile.ZipFile(path) as archive, archive.open("packed.npy") as member:
+                version = np.lib.format.read_magic(member)
+                read = (
+                    np.lib.format.read_array_header_1_0
+                    if version == (1, 0)
+                    else np.lib.format.read_array_header_2_0
+                )
+                declared, _, dtype = read(member)
+        except Exception as exc:  # a missing or broken member is the file's fault
+            raise MinerError(f"could not read grid file {path}: {exc}") from None
+        if declared != (expected,) or dtype != np.uint8:
+            raise MinerError(
+                f"grid file {path} is truncated or inconsistent: {declared} packed bytes "
+                f"for a {'x'.join(map(str, shape))} grid"
+            )
+        preflight(f"loading the {'x'.join(map(str, shape))} grid {path}", n + expected)
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                packed = data["packed"]
+        except Exception as exc:  # any parse failure is the file's fault
+            raise MinerError(f"could not read grid file {path}: {exc}") from None
+        if packed.shape != (expected,):
+            raise MinerError(f"grid file {path} is truncated")
         occupancy = np.unpackbits(packed, count=n).reshape(shape)
-        meta = header.get("meta", {})
-        return cls(occupancy, transform, meta if isinstance(meta, dict) else {})
+        return cls(occupancy, transform, header["meta"])
