@@ -204,7 +204,7 @@ def fit(
     SIGINT, SIGTERM and SIGHUP (in the main thread) make the fit checkpoint (with ``output``)
     and raise :class:`~miner3d.errors.FitInterrupted`.
     """
-    budget = None if max_memory is None else parse_size(max_memory)
+    budget = _budget(max_memory)
     signal_in, path, the_kind = _source(source, kind)
     cfg = _config(the_kind, preset, config, overrides)
     device = pick_device(cfg.device)  # before anything is written
@@ -221,18 +221,23 @@ def fit(
         model, summary, history = pipeline.run(
             signal_in, path, the_kind, cfg, device, info, run_dir, None, budget, progress, banner
         )
-    except FitInterrupted:
-        lock.release()
+    except BaseException as exc:
+        lock.release()  # first: discarding may remove the directory
+        if not isinstance(exc, FitInterrupted):  # an interrupted run keeps its checkpoint
+            rundir.discard_failed(run_dir, created, started)
         raise
-    except BaseException:
+    finally:
         lock.release()
-        rundir.discard_failed(run_dir, created, started)
-        raise
-    lock.release()
     return FitResult(Model(model), summary, history, run_dir)
 
 
-RESUME_CHANGES = ("fit.time_limit", "fit.target", "fit.lr", "checkpoint_minutes")
+RESUME_CHANGES = (
+    "fit.time_limit",
+    "fit.target",
+    "fit.lr",
+    "checkpoint_minutes",
+    "checkpoint_iterations",
+)
 """What ``resume`` may change: when to stop, and the learning rate from the next scale on
 (plus how often to checkpoint); anything else would not be the same fit."""
 
@@ -255,12 +260,11 @@ def resume(
     from .io import check_input_file
 
     run_dir = Path(run_dir)
-    budget = None if max_memory is None else parse_size(max_memory)
+    budget = _budget(max_memory)
     values = {override_key(k): v for k, v in changes.items()}
-    allowed = (*RESUME_CHANGES, "checkpoint_iterations")
     for key in values:
-        if key not in allowed:
-            names = "time_limit, target, lr, checkpoint_minutes, checkpoint_iterations"
+        if key not in RESUME_CHANGES:
+            names = ", ".join(name.removeprefix("fit.") for name in RESUME_CHANGES)
             raise MinerError(f"a resumed run may change only {names}; not {key}")
     if not run_dir.is_dir():
         raise MinerError(f"{run_dir} is not a miner3d run directory")
@@ -290,6 +294,16 @@ def resume(
     return FitResult(Model(model), summary, history, run_dir)
 
 
+def _budget(max_memory: int | str | None) -> int | None:
+    """``max_memory`` in bytes (``None``: what is available); a one-line error if not a size."""
+    if max_memory is None:
+        return None
+    try:
+        return parse_size(max_memory)
+    except ValueError as exc:
+        raise MinerError(f"max_memory: {exc}") from None
+
+
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in tree.items():
@@ -306,7 +320,7 @@ def _check_resume(run_dir: Path, cfg: RunConfig, ckpt: Checkpoint | None, info: 
     if ckpt is not None and isinstance(ckpt.state.get("run_config"), dict):
         saved = _flat(ckpt.state["run_config"])
         for key, value in _flat(cfg.to_dict()).items():
-            if key in RESUME_CHANGES or key in ("checkpoint_iterations", "preset", "device"):
+            if key in RESUME_CHANGES or key in ("preset", "device"):
                 continue
             if key in saved and saved[key] != value:
                 raise MinerError(

@@ -164,8 +164,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         else:
             overrides["checkpoint_minutes"] = value
     if args.resume is not None:
-        settled = {"fit.time_limit", "fit.target", "fit.lr", "checkpoint_minutes"}
-        other = sorted(set(overrides) - settled - {"checkpoint_iterations"})
+        other = set(overrides) - set(api.RESUME_CHANGES)
         if args.input or other or args.config or args.preset or args.kind or args.print_config:
             raise MinerError(
                 "--resume continues a run with its own input and config; it may change only "
@@ -185,17 +184,16 @@ def cmd_fit(args: argparse.Namespace) -> int:
         return 0
     progress = None if args.quiet else FitProgress()
     banner = None if args.quiet else (lambda text: print(text, flush=True))
+    common = {
+        "break_lock": args.break_lock,
+        "max_memory": args.max_memory,
+        "progress": progress,
+        "banner": banner,
+        **overrides,
+    }
     try:
         if args.resume is not None:
-            result = api.resume(
-                args.resume,
-                allow_changed_input=args.allow_changed_input,
-                break_lock=args.break_lock,
-                max_memory=args.max_memory,
-                progress=progress,
-                banner=banner,
-                **overrides,
-            )
+            result = api.resume(args.resume, allow_changed_input=args.allow_changed_input, **common)
         else:
             stem = args.input.stem if args.input is not None else "lucy"
             result = api.fit(
@@ -205,11 +203,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
                 config=args.config,
                 output=args.output or default_run_dir(stem),
                 force=args.force,
-                break_lock=args.break_lock,
-                max_memory=args.max_memory,
-                progress=progress,
-                banner=banner,
-                **overrides,
+                **common,
             )
     finally:
         if progress is not None:

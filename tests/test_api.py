@@ -85,6 +85,8 @@ def test_an_ambiguous_array_is_a_clear_error():
         miner3d.fit(np.zeros((4, 4, 4, 4), np.uint8), kind="image")
     with pytest.raises(miner3d.MinerError, match="not available yet"):
         miner3d.fit(np.zeros((8, 8, 8), np.float32), kind="volume")
+    with pytest.raises(miner3d.MinerError, match="max_memory: not a size"):
+        miner3d.fit(np.zeros((8, 8, 8), np.uint8), kind="occupancy", max_memory="lots")
     with pytest.raises(miner3d.MinerError, match="unknown config field 'nonsense'"):
         miner3d.fit(np.zeros((8, 8, 8), np.uint8), kind="occupancy", nonsense=1)
 
