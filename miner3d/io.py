@@ -151,12 +151,22 @@ def read_safetensors(path: str | Path, key: str, what: str) -> tuple[dict, dict]
     from safetensors import safe_open
 
     path = check_input_file(path, f"{what} file")
+    # one open file for the header and every tensor: safetensors reopens by name, and a
+    # writer that renames a new file into place between two reads would mix two files
     try:
-        with safe_open(os.fspath(path), framework="pt", device="cpu") as fh:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        raise MinerError(f"cannot read {path}: {exc.strerror or exc}") from None
+    pinned = f"/proc/self/fd/{fd}"
+    try:
+        name = pinned if os.path.exists(pinned) else os.fspath(path)
+        with safe_open(name, framework="pt", device="cpu") as fh:
             header = json.loads(fh.metadata()[key])
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}
     except Exception as exc:  # any parse failure is the file's fault
         raise MinerError(f"could not read {what} {path}: {exc}") from None
+    finally:
+        os.close(fd)
     return header, tensors
 
 

@@ -136,9 +136,8 @@ class MetricsLog:
 
     def __init__(self, path: Path, history: list[dict[str, Any]] | None = None):
         self.path = path
-        write_metrics_csv(path, history or [])
-        self._fh = open(path, "a", newline="")
-        self._writer = csv.DictWriter(self._fh, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+        self._fh = None
+        self.rewrite(history or [])
 
     def __call__(self, record: dict[str, Any]) -> None:
         self._writer.writerow(record)
@@ -146,22 +145,31 @@ class MetricsLog:
 
     def rewrite(self, history: list[dict[str, Any]]) -> None:
         """Replace the file by ``history`` atomically and go on appending to the new file."""
-        self._fh.close()
+        self.close()
         write_metrics_csv(self.path, history)
         self._fh = open(self.path, "a", newline="")
         self._writer = csv.DictWriter(self._fh, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
 
     def close(self) -> None:
-        self._fh.close()
+        if self._fh is not None:
+            self._fh.close()
 
 
 def save_run_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> None:
     """Write the checkpoint (whole, then renamed), keeping the one before as
-    ``checkpoint.prev``: a kill at any moment leaves at least one whole checkpoint."""
+    ``checkpoint.prev``. ``checkpoint.safetensors`` never goes missing: the previous one is
+    hard-linked to its new name before the new one replaces it (renamed, where the file
+    system has no hard links), so a kill or a reader at any moment finds a whole checkpoint."""
     current = run_dir / CHECKPOINT
     staged = save_checkpoint(run_dir / f".{CHECKPOINT}.staged.tmp", checkpoint)
     if current.exists():
-        os.replace(current, run_dir / PREVIOUS_CHECKPOINT)
+        previous = run_dir / f".{PREVIOUS_CHECKPOINT}.staged.tmp"
+        previous.unlink(missing_ok=True)
+        try:
+            os.link(current, previous)
+        except OSError:  # no hard links here: a brief moment with only the previous one
+            os.replace(current, previous)
+        os.replace(previous, run_dir / PREVIOUS_CHECKPOINT)
     os.replace(staged, current)
 
 
