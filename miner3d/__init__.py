@@ -25,7 +25,7 @@ from .version import __version__
 
 _LAZY = {
     "FitResult": "api",
-    "Model": "api",
+    "Model": "facade",
     "effective_config": "api",
     "fit": "api",
     "load": "api",

@@ -8,8 +8,9 @@
     model = miner3d.load("runs/demo/model.safetensors")
     model.query(points)          # (P, d) points in the input's coordinates -> (P, C) numpy
     model.query(points, lod=1)   # level of detail j: the scales >= j
-    model.mesh(lod=0)            # trimesh.Trimesh (occupancy models)
+    model.mesh(lod=0)            # trimesh.Trimesh (occupancy; volumes: pass level=)
     model.image(lod=0)           # (H, W, C) numpy (image models)
+    model.volume(lod=0)          # (X, Y, Z) numpy in the input's units (volume models)
     grid = miner3d.voxelize("meshes/teapot.obj", 128)   # OccupancyGrid
 
 :func:`fit` without ``output`` writes nothing to disk; with ``output=DIR`` it writes a run
@@ -30,119 +31,16 @@ from . import pipeline, rundir
 from .checkpoint import Checkpoint
 from .config import RunConfig, build_config, default_preset, override_key
 from .errors import FitInterrupted, MinerError
+from .facade import Model
 from .grid import OccupancyGrid
 from .io import file_sha256
-from .kinds import OCCUPANCY, Kind, Signal, get_kind, kind_of_path, value_scale
+from .kinds import OCCUPANCY, Kind, Signal, get_kind, kind_of_path, value_scale, volume_signal
 from .memory import parse_size
 from .model import MinerModel
 from .resources import default_mesh
 from .train import pick_device
 
 Progress = Callable[[dict[str, Any]], None]
-
-
-class Model:
-    """A fitted model, as users hold it: queries and levels of detail in numpy and trimesh.
-
-    Attributes:
-        core: the :class:`~miner3d.model.MinerModel` (torch tensors, blocks, banks).
-        kind: ``occupancy`` or ``image``.
-        transform: grid to input coordinates (:class:`~miner3d.grid.GridTransform`), or
-            ``None`` (grid coordinates).
-    """
-
-    def __init__(self, core: MinerModel):
-        self.core = core
-
-    @property
-    def kind(self) -> str:
-        return self.core.kind
-
-    @property
-    def transform(self):
-        return self.core.transform
-
-    @property
-    def n_params(self) -> int:
-        return self.core.n_params
-
-    @property
-    def lods(self) -> int:
-        """Levels of detail: ``0`` (finest) to ``lods - 1``."""
-        return self.core.layout.n_scales
-
-    def _check_lod(self, lod: int) -> int:
-        if not 0 <= int(lod) < self.lods:
-            raise MinerError(f"lod must be in [0, {self.lods - 1}], got {lod}")
-        return int(lod)
-
-    def query(self, points: Any, lod: int = 0, grid_coords: bool = False) -> np.ndarray:
-        """The model at points ``(P, d)`` in the input's coordinates (or full-resolution grid
-        coordinates, voxel ``i``'s centre at ``i + 0.5``): ``(P, C)`` float32. Level of detail
-        ``lod`` sums the scales ``>= lod``."""
-        points = np.asarray(points, dtype=np.float64)
-        if points.ndim != 2 or points.shape[1] != self.core.layout.ndim:
-            raise MinerError(f"points must be (P, {self.core.layout.ndim}), got {points.shape}")
-        grid = grid_coords or self.transform is None
-        values = self.core.query(points, grid_coords=grid, from_scale=self._check_lod(lod))
-        return values.cpu().numpy()
-
-    def mesh(self, lod: int = 0, level: float = 0.5, resolution: int | None = None):
-        """The surface at ``level`` (``trimesh.Trimesh``, input coordinates), for occupancy
-        models; ``resolution`` samples the continuous model on another grid."""
-        import trimesh
-
-        from .extract import marching_cubes
-
-        if self.kind != "occupancy":
-            raise MinerError(f"mesh() is for occupancy models; this one is an {self.kind} model")
-        vertices, faces = marching_cubes(
-            self.core, self._check_lod(lod), level, resolution=resolution
-        )
-        return trimesh.Trimesh(vertices, faces, process=False)
-
-    def image(self, lod: int = 0, size: tuple[int, int] | None = None) -> np.ndarray:
-        """The picture at level of detail ``lod``, ``(H, W, C)`` float32 in ``[0, 1]``, on
-        that level's own grid or rendered at ``size = (H, W)`` (image models)."""
-        from .extract import render_image
-
-        if self.kind != "image":
-            raise MinerError(f"image() is for image models; this one is an {self.kind} model")
-        out = render_image(self.core, self._check_lod(lod), size, np.float32)
-        return out[..., None] if out.ndim == 2 else out
-
-    def volume(self, lod: int = 0) -> np.ndarray:
-        """The dense volume at level of detail ``lod`` (volume models; not available yet)."""
-        raise MinerError(f"volume() is for volume models; this one is an {self.kind} model")
-
-    def evaluate(
-        self,
-        grid: OccupancyGrid | np.ndarray | None = None,
-        mesh: str | Path | None = None,
-        points: int = 1_000_000,
-        surface: int = 100_000,
-    ) -> dict[str, Any]:
-        """``miner3d eval``'s figures per level of detail (occupancy models): full-grid IoU
-        against ``grid``; point IoU, Chamfer distance and F-score against ``mesh`` (see
-        :mod:`miner3d.evaluate`)."""
-        from .evaluate import evaluate
-
-        if self.kind != "occupancy":
-            raise MinerError(
-                f"evaluate() is for occupancy models; this one is an {self.kind} model"
-            )
-        occupancy = grid.occupancy if isinstance(grid, OccupancyGrid) else grid
-        if occupancy is None and mesh is None:
-            raise MinerError("nothing to compare with: pass grid and/or mesh")
-        return evaluate(self.core, occupancy, mesh, points, surface)
-
-    def save(self, path: str | Path) -> Path:
-        """Write ``model.safetensors`` atomically."""
-        return self.core.save(path)
-
-    def __repr__(self) -> str:
-        shape = "x".join(map(str, self.core.layout.shape))
-        return f"<miner3d.Model {self.kind} {shape}, {self.lods} lods, {self.n_params:,} params>"
 
 
 @dataclass
@@ -183,13 +81,14 @@ def fit(
     banner: Callable[[str], None] | None = None,
     **overrides: Any,
 ) -> FitResult:
-    """Fit a model to a mesh, grid or image file, an :class:`OccupancyGrid`, or an array.
+    """Fit a model to a mesh, grid, image or volume file, an :class:`OccupancyGrid`, or an
+    array.
 
     Args:
-        source: a path (the kind follows the extension), an :class:`OccupancyGrid`, or a
-            numpy array with an explicit ``kind`` (image ``(H, W)`` / ``(H, W, C)``; occupancy
-            ``(X, Y, Z)``). ``None``: the bundled Lucy.
-        kind: ``occupancy`` or ``image``: overrides the detection by extension.
+        source: a path (the kind follows the extension and the shape), an
+            :class:`OccupancyGrid`, or a numpy array with an explicit ``kind`` (image
+            ``(H, W)`` / ``(H, W, C)``; occupancy or volume ``(X, Y, Z)``). ``None``: Lucy.
+        kind: ``occupancy``, ``image`` or ``volume``: overrides the detection.
         preset, config: a preset name, or a YAML config file (default: by kind and device).
         output: a run directory to write (locked while the fit runs); ``None`` writes
             nothing to disk.
@@ -394,7 +293,8 @@ def _source(source: Any, kind: str | None) -> tuple[Signal | None, Path | None, 
             )
         the_kind = get_kind(kind)
         data = the_kind.as_signal(source)
-        scale = value_scale(data.dtype)
         info = {"kind": "array", "dtype": str(data.dtype), "shape": list(data.shape)}
-        return Signal(data, the_kind, scale, None, info), None, the_kind
+        if the_kind.name == "volume":
+            return volume_signal(data, None, info, "the array"), None, the_kind
+        return Signal(data, the_kind, value_scale(data.dtype), None, info), None, the_kind
     raise MinerError(f"cannot fit a {type(source).__name__}: give a path, a grid or an array")

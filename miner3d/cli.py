@@ -80,7 +80,10 @@ def _build_parser() -> argparse.ArgumentParser:
         help="voxels along the mesh's longest axis (default 256)",
     )
     vox.add_argument(
-        "-o", "--output", type=Path, help="output .npz (default: <mesh stem>-<resolution>.npz here)"
+        "-o",
+        "--output",
+        type=Path,
+        help="output .npz or .binvox (default: <mesh stem>-<resolution>.npz here)",
     )
     vox.add_argument("--cube", action="store_true", help="N^3 grid instead of a tight box")
     vox.add_argument(
@@ -117,7 +120,9 @@ def _build_parser() -> argparse.ArgumentParser:
         nargs="?",
         help="mesh, grid (.npz from voxelize) or image (default: the bundled lucy.ply)",
     )
-    fit.add_argument("--kind", help="occupancy or image (default: by the input's extension)")
+    fit.add_argument(
+        "--kind", help="occupancy, image or volume (default: by the input's extension and shape)"
+    )
     fit.add_argument("--config", type=Path, help="a YAML config file (instead of a preset)")
     fit.add_argument("--preset", help="see `miner3d presets` (default: by kind and device)")
     fit.add_argument("-r", "--resolution", type=int, help="voxels along the longest axis")
@@ -177,13 +182,19 @@ def _build_parser() -> argparse.ArgumentParser:
     ext = sub.add_parser(
         "extract",
         parents=[common],
-        help="a mesh (occupancy) or a picture (image) at any level of detail",
-        description="Marching cubes on an occupancy model, rendering of an image model; "
-        "the format follows -o.",
+        help="a mesh, a picture or a volume at any level of detail",
+        description="Marching cubes on an occupancy model (or a volume's isosurface at "
+        "--level), rendering of an image model, a dense volume of a volume model; the format "
+        "follows -o.",
     )
     ext.add_argument("model", type=Path, help="model.safetensors")
     ext.add_argument(
-        "-o", "--output", type=Path, required=True, help="mesh (.ply .obj .stl .glb .off) or image"
+        "-o",
+        "--output",
+        type=Path,
+        required=True,
+        help="mesh (.ply .obj .stl .glb .off), image (.png .tif .jpg) or volume "
+        "(.npy .nii .nii.gz .vti .mha .tif)",
     )
     ext.add_argument(
         "--lod", "--scale", dest="lod", type=int, default=0, help="level of detail (0: finest)"
@@ -193,7 +204,11 @@ def _build_parser() -> argparse.ArgumentParser:
         "--resolution",
         help="3D: samples along the longest axis; images: WxH (default: the level's own grid)",
     )
-    ext.add_argument("--level", type=float, default=0.5, help="iso level (default 0.5)")
+    ext.add_argument(
+        "--level",
+        type=float,
+        help="iso level of a mesh: 0.5 for occupancy (the default); for a volume, in its units",
+    )
     ext.add_argument("--force", action="store_true", help="overwrite an existing file")
     ext.set_defaults(func=commands.cmd_extract)
 

@@ -19,15 +19,20 @@ def _refuse_existing(path: Path | None, force: bool) -> None:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
+    from .dense import fitted_level, save_volume
     from .extract import IMAGE_OUTPUTS, MESH_OUTPUTS, marching_cubes, save_image, save_mesh
     from .model import MinerModel
+    from .volumes import VOLUME_OUTPUTS
+    from .volumes import suffix as volume_suffix
 
     _refuse_existing(args.output, args.force)
     model = MinerModel.load(args.model)
     if not 0 <= args.lod < model.layout.n_scales:
         raise MinerError(f"--lod (--scale) must be in [0, {model.layout.n_scales - 1}]")
-    suffix = args.output.suffix.lower()
-    wanted = MESH_OUTPUTS if model.kind == "occupancy" else IMAGE_OUTPUTS
+    suffix = volume_suffix(args.output)
+    wanted = {"occupancy": MESH_OUTPUTS, "image": IMAGE_OUTPUTS}.get(
+        model.kind, VOLUME_OUTPUTS + MESH_OUTPUTS
+    )
     if suffix not in wanted:
         got = suffix or str(args.output)
         raise MinerError(f"an {model.kind} model is extracted to {', '.join(wanted)}; got '{got}'")
@@ -49,7 +54,20 @@ def cmd_extract(args: argparse.Namespace) -> int:
         if not str(args.resolution).isdigit():
             raise MinerError(f"--resolution takes a number for 3D models, got {args.resolution!r}")
         resolution = int(args.resolution)
-    vertices, faces = marching_cubes(model, args.lod, args.level, resolution=resolution)
+    if suffix in VOLUME_OUTPUTS:
+        save_volume(model, args.output, args.lod, resolution)
+        print(f"{args.output}: float32 volume in the input's units (lod {args.lod})")
+        return 0
+    level = 0.5 if args.level is None else args.level
+    if model.kind == "volume":
+        if args.level is None:
+            lo, hi = model.meta.get("value_range", ["?", "?"])
+            raise MinerError(
+                f"a mesh of a volume is an isosurface: pass --level VALUE (in the input's "
+                f"units; its samples range over [{lo:g}, {hi:g}])"
+            )
+        level = fitted_level(model, args.level)
+    vertices, faces = marching_cubes(model, args.lod, level, resolution=resolution)
     save_mesh(vertices, faces, args.output)
     print(f"{args.output}: {len(vertices):,} vertices, {len(faces):,} triangles (lod {args.lod})")
     return 0
@@ -95,7 +113,7 @@ def _has_display() -> bool:
 
 def cmd_view(args: argparse.Namespace) -> int:
     from .model import MinerModel
-    from .viz import plot_history, render_image_levels, render_levels
+    from .viz import plot_history, render_image_levels, render_levels, render_volume_levels
 
     _refuse_existing(args.screenshot, args.force)
     _refuse_existing(args.plot, args.force)
@@ -109,6 +127,10 @@ def cmd_view(args: argparse.Namespace) -> int:
         if args.screenshot is None:
             raise MinerError("image models are drawn to a file: pass --screenshot out.png")
         render_image_levels(model, args.screenshot)
+    elif model.kind == "volume":
+        if args.screenshot is None:
+            raise MinerError("volume models are drawn to a file: pass --screenshot out.png")
+        render_volume_levels(model, args.screenshot)
     else:
         render_levels(model, args.screenshot)
     if args.screenshot is not None:
@@ -222,8 +244,8 @@ def cmd_voxelize(args: argparse.Namespace) -> int:
 
     check_resolution(args.resolution)
     output = args.output or Path(f"{args.mesh.stem}-{args.resolution}.npz")
-    if output.suffix != ".npz":
-        raise MinerError(f"the output must end in .npz, got {output}")
+    if output.suffix.lower() not in (".npz", ".binvox"):
+        raise MinerError(f"the output must end in .npz or .binvox, got {output}")
     _refuse_existing(output, args.force)
     start = time.perf_counter()
     grid = api.voxelize(
@@ -234,7 +256,12 @@ def cmd_voxelize(args: argparse.Namespace) -> int:
         margin=args.margin,
         max_memory=args.max_memory,
     )
-    grid.save(output)
+    if output.suffix.lower() == ".binvox":
+        from .volumes import write_binvox
+
+        write_binvox(output, grid.occupancy, grid.transform)
+    else:
+        grid.save(output)
     if not args.quiet:
         out, err = describe_voxelize(args.mesh, output, grid, time.perf_counter() - start)
         print(out)

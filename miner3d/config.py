@@ -18,7 +18,7 @@ from typing import Any
 from .errors import MinerError
 from .resources import configs_dir
 
-PRESETS = ("cpu", "lucy", "image")
+PRESETS = ("cpu", "lucy", "image", "volume")
 
 
 @dataclass
@@ -291,10 +291,11 @@ def build_config(
 
 
 def default_preset(kind: str, cuda: bool) -> str:
-    """The preset a fit starts from when none is named: ``image`` for images, ``lucy`` (the
-    paper's 1024^3 setting) for occupancy on a GPU, ``cpu`` otherwise."""
-    if kind == "image":
-        return "image"
+    """The preset a fit starts from when none is named: ``image`` for images, ``volume`` for
+    scalar volumes, ``lucy`` (the paper's 1024^3 setting) for occupancy on a GPU, ``cpu``
+    otherwise."""
+    if kind in ("image", "volume"):
+        return kind
     return "lucy" if cuda else "cpu"
 
 

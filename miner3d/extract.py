@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .errors import MinerError
-from .grid import GridTransform
+from .grid import resample_transform
 from .memory import preflight
 from .model import MinerModel
 
@@ -168,17 +168,6 @@ def image_bytes(
     out = height * width * model.channels * np.dtype(dtype).itemsize
     work = band * 196 if size is not None else band * 4 * 8
     return out + model.field_bytes() + work
-
-
-def resample_transform(shape: tuple[int, ...], resolution: int) -> GridTransform:
-    """A grid of ``resolution`` samples along the longest axis over the same extent as a grid
-    of ``shape``, expressed in that grid's coordinates (origin 0, unit voxels)."""
-    from .grid import check_resolution
-
-    check_resolution(resolution)
-    voxel = max(shape) / resolution
-    new_shape = tuple(max(1, round(n / voxel)) for n in shape)
-    return GridTransform((0.0,) * len(shape), voxel, new_shape, "xyz"[: len(shape)])
 
 
 def _signed_volume(vertices: np.ndarray, faces: np.ndarray) -> float:

@@ -19,8 +19,19 @@ Convention (used by every module through this one):
   every grid file and every model, and :meth:`GridTransform.grid_to_world` /
   :meth:`GridTransform.world_to_grid` are the only maps between grid and input coordinates::
 
-      world = origin + voxel_size * g          (g: continuous grid coordinate)
+      world = origin + direction @ (spacing * g)   (g: continuous grid coordinate)
       voxel centre of index i: g = i + 0.5
+
+  ``spacing`` is per axis (anisotropic voxels of CT, MRI and microscopy; a mesh's grid has
+  ``spacing = (voxel_size,) * d``) and ``direction`` is the identity unless a volume file
+  says otherwise (a NIfTI sform, a MetaImage ``TransformMatrix``): it is kept and written
+  back, never resampled away.
+* **World coordinates are the input's own.** miner3d converts no frame: a mesh's units, a
+  NIfTI file's RAS+ millimetres (its sform, else its qform, as nibabel reads them), a VTK,
+  MetaImage or NRRD file's frame as VTK reads it (LPS for files written by ITK). Outputs are
+  written in the same frame, so they overlay the input in any viewer. Volume formats that
+  place samples at points (VTK, NIfTI) put sample ``i`` at ``g = i + 0.5`` here, so their
+  origin is the first sample's centre, half a voxel from ours.
 """
 
 from __future__ import annotations
@@ -46,53 +57,159 @@ class GridTransform:
 
     Attributes:
         origin: world position of grid coordinate 0 (the corner of voxel 0), length ``d``.
-        voxel_size: edge length of one (cubic) voxel in input units.
+        voxel_size: edge length of one cubic voxel in input units (with ``spacing``: its
+            longest edge).
         shape: voxels per axis, length ``d``.
         axes: which input axis each array axis holds (``"xyz"`` for 3D, ``"xy"`` for 2D).
+        spacing: per-axis voxel edges, length ``d`` (``None``: cubic voxels of ``voxel_size``).
+        direction: ``d x d`` direction cosines, row-major, length ``d * d`` (``None``: the
+            identity): column ``k`` is the world direction of array axis ``k``.
     """
 
     origin: tuple[float, ...]
     voxel_size: float
     shape: tuple[int, ...]
     axes: str = "xyz"
+    spacing: tuple[float, ...] | None = None
+    direction: tuple[float, ...] | None = None
 
     @property
     def ndim(self) -> int:
         return len(self.shape)
 
+    @property
+    def steps(self) -> np.ndarray:
+        """Per-axis voxel edges ``(d,)`` float64."""
+        if self.spacing is None:
+            return np.full(self.ndim, self.voxel_size, dtype=np.float64)
+        return np.asarray(self.spacing, dtype=np.float64)
+
+    @property
+    def matrix(self) -> np.ndarray:
+        """The direction cosines ``(d, d)`` float64 (the identity if none)."""
+        if self.direction is None:
+            return np.eye(self.ndim)
+        return np.asarray(self.direction, dtype=np.float64).reshape(self.ndim, self.ndim)
+
+    @property
+    def axis_aligned(self) -> bool:
+        return self.direction is None or bool(np.allclose(self.matrix, np.eye(self.ndim)))
+
+    @property
+    def affine(self) -> np.ndarray:
+        """``(d + 1, d + 1)``: homogeneous map of continuous grid coordinates to world."""
+        out = np.eye(self.ndim + 1)
+        out[:-1, :-1] = self.matrix * self.steps
+        out[:-1, -1] = self.origin
+        return out
+
     def grid_to_world(self, g: np.ndarray) -> np.ndarray:
         """Continuous grid coordinates ``(..., d)`` to input coordinates ``(..., d)`` (float64)."""
-        return np.asarray(self.origin) + self.voxel_size * np.asarray(g, dtype=np.float64)
+        scaled = np.asarray(g, dtype=np.float64) * self.steps
+        if self.direction is not None:
+            scaled = scaled @ self.matrix.T
+        return np.asarray(self.origin) + scaled
 
     def world_to_grid(self, x: np.ndarray) -> np.ndarray:
         """Input coordinates ``(..., d)`` to continuous grid coordinates ``(..., d)`` (float64)."""
-        return (np.asarray(x, dtype=np.float64) - np.asarray(self.origin)) / self.voxel_size
+        offset = np.asarray(x, dtype=np.float64) - np.asarray(self.origin)
+        if self.direction is not None:
+            offset = offset @ np.linalg.inv(self.matrix).T
+        return offset / self.steps
 
     def world_to_normalized(self, x: np.ndarray) -> np.ndarray:
         """Input coordinates ``(..., d)`` to ``[-1, 1]`` per axis (``align_corners=False``)."""
         return 2.0 * self.world_to_grid(x) / np.asarray(self.shape, dtype=np.float64) - 1.0
 
     def voxel_centers(self, axis: int) -> np.ndarray:
-        """Input coordinates of the voxel centres along one axis, shape ``(shape[axis],)``."""
-        return self.origin[axis] + self.voxel_size * (np.arange(self.shape[axis]) + 0.5)
+        """Input coordinates of the voxel centres along one axis, shape ``(shape[axis],)``
+        (axis-aligned grids)."""
+        return self.origin[axis] + self.steps[axis] * (np.arange(self.shape[axis]) + 0.5)
 
     @property
     def bounds(self) -> np.ndarray:
-        """``(2, d)`` array: the grid's lower and upper corners in input coordinates."""
-        lo = np.asarray(self.origin, dtype=np.float64)
-        return np.stack([lo, lo + self.voxel_size * np.asarray(self.shape)])
+        """``(2, d)`` array: the lower and upper corners of the grid's box in input
+        coordinates (of its rotated box, with a direction)."""
+        corners = np.array(
+            [[(c >> a) & 1 for a in range(self.ndim)] for c in range(1 << self.ndim)], float
+        )
+        world = self.grid_to_world(corners * np.asarray(self.shape))
+        return np.stack([world.min(axis=0), world.max(axis=0)])
+
+    def with_shape(self, shape: tuple[int, ...]) -> GridTransform:
+        """The same box sampled by ``shape`` voxels (spacing rescaled per axis)."""
+        steps = self.steps * np.asarray(self.shape) / np.asarray(shape)
+        return GridTransform(
+            self.origin,
+            float(steps.max()),
+            tuple(int(n) for n in shape),
+            self.axes,
+            tuple(float(v) for v in steps),
+            self.direction,
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        out = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        return {k: v for k, v in out.items() if v is not None}  # old readers see old keys
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GridTransform:
+        """The transform of a file's header; a ``ValueError`` if it is not a sound one."""
+        shape = tuple(int(v) for v in d["shape"])
+        origin = tuple(float(v) for v in d["origin"])
+        spacing = d.get("spacing")
+        spacing = None if spacing is None else tuple(float(v) for v in spacing)
+        direction = d.get("direction")
+        direction = None if direction is None else tuple(float(v) for v in direction)
+        voxel_size = float(d["voxel_size"])
+        n = len(shape)
+        if len(origin) != n or (spacing is not None and len(spacing) != n):
+            raise ValueError("origin, spacing and shape differ in length")
+        steps = spacing or (voxel_size,)
+        if not all(math.isfinite(v) for v in origin) or not all(
+            math.isfinite(v) and v > 0 for v in steps
+        ):
+            raise ValueError("non-finite origin, or a voxel size that is not positive")
+        if direction is not None:
+            if len(direction) != n * n or not all(math.isfinite(v) for v in direction):
+                raise ValueError(f"direction must be {n * n} finite numbers")
+            if abs(np.linalg.det(np.reshape(direction, (n, n)))) < 1e-6:
+                raise ValueError("direction is singular")
+        return cls(origin, voxel_size, shape, str(d.get("axes", "xyz")), spacing, direction)
+
+    @classmethod
+    def from_affine(cls, affine: np.ndarray, shape: tuple[int, ...]) -> GridTransform:
+        """The transform of a volume file whose ``(d + 1, d + 1)`` ``affine`` maps a sample's
+        index to the world position of its centre (NIfTI, VTK): our origin is half a voxel
+        before the first sample's centre. A ``ValueError`` for a singular or non-finite one."""
+        affine = np.asarray(affine, dtype=np.float64)
+        d = len(shape)
+        linear = affine[:d, :d]
+        if not np.all(np.isfinite(affine[:d])):
+            raise ValueError("the file's affine is not finite")
+        steps = np.linalg.norm(linear, axis=0)
+        if np.any(steps <= 0) or abs(np.linalg.det(linear)) < 1e-12 * np.prod(steps):
+            raise ValueError("the file's affine is singular (a zero spacing?)")
+        matrix = linear / steps
+        origin = affine[:d, d] - matrix @ (0.5 * steps)
+        direction = None
+        if not np.allclose(matrix, np.eye(d), atol=1e-9):
+            direction = tuple(float(v) for v in matrix.reshape(-1))
         return cls(
-            origin=tuple(float(v) for v in d["origin"]),
-            voxel_size=float(d["voxel_size"]),
-            shape=tuple(int(v) for v in d["shape"]),
-            axes=str(d.get("axes", "xyz")),
+            tuple(float(v) for v in origin),
+            float(steps.max()),
+            tuple(int(v) for v in shape),
+            "xyz"[:d],
+            tuple(float(v) for v in steps),
+            direction,
         )
+
+    def sample_affine(self) -> np.ndarray:
+        """The inverse of :meth:`from_affine`: ``(d + 1, d + 1)`` mapping a sample index to the
+        world position of its centre (what NIfTI and VTK files store)."""
+        out = self.affine
+        out[:-1, -1] = self.grid_to_world(np.full(self.ndim, 0.5))
+        return out
 
     @classmethod
     def fit_bounds(
@@ -135,6 +252,15 @@ def check_resolution(resolution: int) -> None:
         raise MinerError(
             f"resolution {resolution} is out of range [{MIN_RESOLUTION}, {MAX_RESOLUTION}]"
         )
+
+
+def resample_transform(shape: tuple[int, ...], resolution: int) -> GridTransform:
+    """A grid of ``resolution`` samples along the longest axis over the same extent as a grid
+    of ``shape``, expressed in that grid's coordinates (origin 0, unit voxels)."""
+    check_resolution(resolution)
+    voxel = max(shape) / resolution
+    new_shape = tuple(max(1, round(n / voxel)) for n in shape)
+    return GridTransform((0.0,) * len(shape), voxel, new_shape, "xyz"[: len(shape)])
 
 
 @dataclass

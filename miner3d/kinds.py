@@ -11,13 +11,22 @@ is compared with. Two kinds exist today:
   reference is the bit-packed grid.
 * ``image``: ``(C, H, W)``; padding repeats the border; quality is PSNR (and SSIM of the
   finest level); a level of detail is a picture; the size reference is the raw samples.
+* ``volume``: a scalar (or up to 4-component) volume ``(C, X, Y, Z)``: CT, MRI, microscopy,
+  distance fields. Fitted like an image: padding repeats the border, quality is PSNR; a level
+  of detail is a dense volume (or an isosurface at a chosen level). Samples are mapped to
+  ``[0, 1]`` by the input's own range (``(raw - min) / (max - min)``), and PSNR's peak is the
+  dtype's range for integer inputs, ``max - min`` for float ones.
 
-The name ``volume`` is reserved for scalar volumes (CT, MRI, microscopy); it is not available
-yet and asking for it says so.
+Which kind a file is (:func:`kind_of_path`): meshes and miner3d ``.npz`` grids are
+occupancy; ``.binvox`` is occupancy; other arrays, TIFFs and volume files go by their content
+(a 3D array, a multi-page TIFF or a volume format is a volume, a 2D array or one of shape
+``(H, W, 3 or 4)`` is an image; a volume of booleans, or of bytes holding only 0 and 1, is
+occupancy). ``--kind`` overrides the guess.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +36,7 @@ import numpy as np
 from .errors import MinerError
 from .io import IMAGE_EXTENSIONS, MESH_EXTENSIONS, read_image
 from .metrics import MetricSums
+from .volumes import ARRAY_EXTENSIONS, TIFF_EXTENSIONS, VOLUME_EXTENSIONS, array_shape, suffix
 
 GRID_EXTENSIONS = (".npz",)
 
@@ -55,12 +65,12 @@ class Kind:
     binary: bool = field(default=False)
     """The signal is 0/1 (IoU is measured)."""
 
-    def metric_fields(self, sums: MetricSums) -> dict[str, float]:
+    def metric_fields(self, sums: MetricSums, peak: float = 1.0) -> dict[str, float]:
         """The quality figures of one measurement (keys of ``summary.json`` and
-        ``metrics.csv``)."""
+        ``metrics.csv``); ``peak``: PSNR's peak in the fitted ``[0, 1]`` units."""
         if self.binary:
             return {"iou": sums.iou(0), "iou_04": sums.iou(1)}
-        return {"psnr": sums.psnr}
+        return {"psnr": sums.psnr + 20.0 * math.log10(peak)}
 
     def reference_bytes(self, samples: int, itemsize: int) -> float:
         """Bytes of the reference the model's size is compared with, for ``samples`` samples
@@ -72,9 +82,11 @@ class Kind:
         possible). Occupancy: ``(X, Y, Z)``; image: ``(H, W)`` or ``(H, W, C)`` with
         ``C <= 4``. Anything else is a :class:`MinerError` naming the shape."""
         a = array if isinstance(array, np.ndarray) else np.asarray(array)
-        if self.name == "occupancy":
+        if self.ndim == 3:
+            if a.ndim == 4 and self.name == "volume" and a.shape[-1] <= 4:
+                return np.moveaxis(a, -1, 0)
             if a.ndim != 3:
-                raise MinerError(f"an occupancy array is (X, Y, Z); got shape {a.shape}")
+                raise MinerError(f"an {self.name} array is (X, Y, Z); got shape {a.shape}")
             return a[None]
         if a.ndim == 2:
             return a[None]
@@ -87,8 +99,9 @@ OCCUPANCY = Kind(
     "occupancy", 3, "zero", "iou", (0.99, 0.995, 0.999), "mesh", "bit-packed grid", binary=True
 )
 IMAGE = Kind("image", 2, "edge", "psnr", (30.0, 35.0, 40.0), "image", "raw samples")
-KINDS = {k.name: k for k in (OCCUPANCY, IMAGE)}
-RESERVED = ("volume",)
+VOLUME = Kind("volume", 3, "edge", "psnr", (30.0, 35.0, 40.0), "volume", "raw samples")
+KINDS = {k.name: k for k in (OCCUPANCY, IMAGE, VOLUME)}
+RESERVED: tuple[str, ...] = ()
 
 
 def get_kind(kind: str | Kind) -> Kind:
@@ -102,14 +115,47 @@ def get_kind(kind: str | Kind) -> Kind:
     raise MinerError(f"unknown kind '{kind}' (choose from {', '.join(KINDS)})")
 
 
+def is_grid_file(path: Path) -> bool:
+    """A ``.npz`` holding miner3d's grid format tag."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return "header.npy" in archive.namelist() and "packed.npy" in archive.namelist()
+    except Exception:  # not a zip: the reader will say so
+        return False
+
+
 def kind_of_path(path: Path) -> Kind:
-    """The kind of an input file, by extension."""
-    ext = path.suffix.lower()
-    if ext in MESH_EXTENSIONS or ext in GRID_EXTENSIONS:
+    """The kind of an input file, by extension and, for arrays and TIFFs, by the shape its
+    header declares (see the module doc). A volume of bytes is told from occupancy when it is
+    read (:func:`read_signal`)."""
+    ext = suffix(path)
+    if ext in MESH_EXTENSIONS or ext == ".binvox":
         return OCCUPANCY
+    if ext == ".npz" and is_grid_file(path):
+        return OCCUPANCY
+    if ext in ARRAY_EXTENSIONS or ext in TIFF_EXTENSIONS:
+        head = array_shape(path)
+        if head is None:
+            return IMAGE if ext in TIFF_EXTENSIONS else VOLUME  # the reader says what is wrong
+        shape, dtype = head
+        if len(shape) == 2 or (len(shape) == 3 and shape[-1] in (3, 4)):
+            return IMAGE
+        if ext in TIFF_EXTENSIONS and len(shape) == 3 and shape[-1] == 1:
+            return IMAGE  # (H, W, 1): one page with one sample per pixel
+        if dtype == np.bool_:
+            return OCCUPANCY
+        if dtype == np.uint8 and len(shape) == 3:
+            from .volumes import read_volume
+
+            return OCCUPANCY if only_zero_one(read_volume(path).data) else VOLUME
+        return VOLUME
     if ext in IMAGE_EXTENSIONS:
         return IMAGE
-    known = ", ".join(MESH_EXTENSIONS + GRID_EXTENSIONS + IMAGE_EXTENSIONS)
+    if ext in VOLUME_EXTENSIONS:
+        return VOLUME
+    known = ", ".join(dict.fromkeys(MESH_EXTENSIONS + IMAGE_EXTENSIONS + VOLUME_EXTENSIONS))
     raise MinerError(f"unknown input extension '{ext or path.name}' (known: {known})")
 
 
@@ -133,9 +179,12 @@ class Signal:
     Attributes:
         data: ``(C, *spatial)`` numpy array (or memory map) in its own dtype.
         kind: the :class:`Kind`.
-        value_scale: multiplies raw samples into ``[0, 1]``.
-        transform: grid to input coordinates (occupancy), or ``None``.
+        value_scale: multiplies raw samples (less ``value_offset``) into ``[0, 1]``.
+        transform: grid to input coordinates, or ``None``.
         info: JSON-serialisable facts about the input (stored in the model's metadata).
+        value_offset: subtracted from raw samples before ``value_scale``.
+        peak: PSNR's peak in ``[0, 1]`` units (the dtype's range times ``value_scale`` for
+            integer volumes).
     """
 
     data: Any
@@ -143,6 +192,8 @@ class Signal:
     value_scale: float
     transform: Any
     info: dict[str, Any]
+    value_offset: float = 0.0
+    peak: float = 1.0
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -152,6 +203,64 @@ class Signal:
     @property
     def channels(self) -> int:
         return int(self.data.shape[0])
+
+
+def _chunks(data: np.ndarray, budget: int = 1 << 26):
+    """``data`` ``(C, *S)`` in slabs along its first spatial axis of about ``budget`` bytes
+    (a memory map's pages are read slab by slab)."""
+    per = max(1, data[:, :1].nbytes)
+    step = max(1, budget // per)
+    for start in range(0, data.shape[1], step):
+        yield np.asarray(data[:, start : start + step])
+
+
+def only_zero_one(data: np.ndarray) -> bool:
+    """Whether every sample is 0 or 1 (streamed slab by slab)."""
+    return all(bool(np.all(chunk <= 1)) for chunk in _chunks(data))
+
+
+def sample_range(data: np.ndarray, path: Path | str = "the input") -> tuple[float, float]:
+    """``(min, max)`` of the samples, streamed slab by slab; a one-line error if any is NaN
+    or infinite, or if the volume is constant."""
+    lo, hi = math.inf, -math.inf
+    for chunk in _chunks(data):
+        lo, hi = min(lo, float(chunk.min())), max(hi, float(chunk.max()))
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise MinerError(f"{path} holds NaN or infinite samples")
+    if hi == lo:
+        raise MinerError(f"{path} is constant (every sample is {lo:g}): there is nothing to fit")
+    return lo, hi
+
+
+def volume_signal(
+    data: np.ndarray, transform: Any, info: dict[str, Any], path: Path | str = "the input"
+) -> Signal:
+    """A volume's samples ``(C, X, Y, Z)`` as a :class:`Signal` mapped to ``[0, 1]`` by their
+    range, with PSNR's peak the dtype's range (integers) or the range itself (floats)."""
+    if data.dtype == np.float64 or data.dtype == np.float16:
+        data = data.astype(np.float32)  # the source reads float32; a copy of the file's size
+    lo, hi = sample_range(data, path)
+    scale = 1.0 / (hi - lo)
+    peak = 1.0
+    if data.dtype == np.bool_:
+        peak = scale
+    elif np.issubdtype(data.dtype, np.integer):
+        info_ = np.iinfo(data.dtype)
+        peak = (float(info_.max) - float(info_.min)) * scale
+    info = {**info, "value_range": [lo, hi], "psnr_peak": (1.0 / scale) * peak}
+    return Signal(data, VOLUME, scale, transform, info, value_offset=lo, peak=peak)
+
+
+def info_of(volume) -> dict[str, Any]:
+    """JSON-serialisable facts about a volume (stored in the model's metadata)."""
+    return {
+        "format": volume.format,
+        "dtype": str(volume.data.dtype),
+        "shape": list(volume.data.shape[1:]),
+        "channels": int(volume.data.shape[0]),
+        "memory_mapped": isinstance(volume.data, np.memmap)
+        or isinstance(getattr(volume.data, "base", None), np.memmap),
+    }
 
 
 def read_signal(
@@ -169,17 +278,20 @@ def read_signal(
     """Read an input file as a :class:`Signal` of ``kind``.
 
     Occupancy: a mesh is voxelized (or its earlier voxelization ``reuse_grid`` read, if that
-    file exists; a new grid is saved to ``save_grid``); an ``.npz`` grid is loaded. Image: see
-    :func:`miner3d.io.read_image` (uncompressed TIFFs are memory-mapped). Peak memory: the
-    voxelizer's (see :mod:`voxelizer`), or the decoded image in its own dtype (nothing for a
-    memory map).
+    file exists; a new grid is saved to ``save_grid``); an ``.npz`` grid is loaded; a volume
+    file (``.binvox``, arrays, stacks, NIfTI, VTK) must hold only 0 and 1. Image: see
+    :func:`miner3d.io.read_image` (uncompressed TIFFs are memory-mapped), or a 2D array.
+    Volume: :func:`miner3d.volumes.read_volume` (memory-mapped where the format allows), mapped
+    to ``[0, 1]`` by its range (:func:`volume_signal`). Peak memory: the voxelizer's (see
+    :mod:`voxelizer`), or the decoded samples in their own dtype (nothing for a memory map).
     """
     from .grid import OccupancyGrid
+    from .volumes import read_volume
     from .voxelizer import voxelize_file
 
-    if kind.name == "image":
-        if path.suffix.lower() not in IMAGE_EXTENSIONS:
-            raise MinerError(f"{path} is not an image ({', '.join(IMAGE_EXTENSIONS)})")
+    ext = suffix(path)
+    grid_file = ext in GRID_EXTENSIONS and is_grid_file(path)
+    if kind.name == "image" and ext in IMAGE_EXTENSIONS and ext not in ARRAY_EXTENSIONS:
         image, mapped = read_image(path, max_memory)
         scale = value_scale(image.dtype)
         if np.issubdtype(image.dtype, np.floating) and image.dtype != np.float32:
@@ -191,10 +303,34 @@ def read_signal(
             "memory_mapped": mapped,
         }
         return Signal(image, kind, scale, None, info)
-    ext = path.suffix.lower()
-    if ext in GRID_EXTENSIONS:
+    if not (grid_file or ext in MESH_EXTENSIONS):
+        if ext not in VOLUME_EXTENSIONS:
+            raise MinerError(f"{path} is not a {kind.name} input (unknown extension '{ext}')")
+        volume = read_volume(path, max_memory)
+        data = volume.data
+        if len(volume.shape) != kind.ndim:
+            raise MinerError(
+                f"{path} holds a {len(volume.shape)}D array of shape {volume.shape}; a "
+                f"{kind.name} is {kind.ndim}D (--kind chooses another)"
+            )
+        info = {"kind": "volume", **info_of(volume)}
+        if kind.name == "volume":
+            return volume_signal(data, volume.transform, info, path)
+        if kind.name == "image":
+            return Signal(data, kind, value_scale(data.dtype), volume.transform, info)
+        if data.shape[0] != 1 or not (data.dtype in (np.bool_, np.uint8) and only_zero_one(data)):
+            raise MinerError(
+                f"{path} is not an occupancy grid: it holds {data.dtype} samples other than "
+                "0 and 1 (fit it with --kind volume)"
+            )
+        data = data.view(np.uint8) if data.dtype == np.bool_ else data
+        info["filled_fraction"] = float(sum(int(c.sum()) for c in _chunks(data))) / data.size
+        return Signal(data, kind, 1.0, volume.transform, info)
+    if kind.name != "occupancy":
+        raise MinerError(f"{path} is a mesh or a miner3d grid: an occupancy input")
+    if grid_file:
         grid, source_kind = OccupancyGrid.load(path), "grid"
-    elif ext in MESH_EXTENSIONS:
+    else:
         source_kind = "mesh"
         if reuse_grid is not None and reuse_grid.exists():  # a resumed run reuses its grid
             grid = OccupancyGrid.load(reuse_grid)
@@ -204,8 +340,6 @@ def read_signal(
             )
             if save_grid is not None:
                 grid.save(save_grid)
-    else:
-        raise MinerError(f"{path} is not a mesh or an .npz grid; an occupancy input must be one")
     if grid.occupancy.ndim != 3:
         raise MinerError(f"{path} holds a {grid.occupancy.ndim}D grid; expected 3D")
     info = {

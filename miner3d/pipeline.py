@@ -33,12 +33,27 @@ from .train import fit as train_fit
 Progress = Callable[[dict[str, Any]], None]
 
 
+def input_kind_of(path: Path, kind: Kind) -> str:
+    """What an input file is: ``mesh``, ``grid`` (a miner3d ``.npz``), ``image`` (a picture)
+    or ``volume`` (an array or a volume file)."""
+    from .io import IMAGE_EXTENSIONS, MESH_EXTENSIONS
+    from .kinds import is_grid_file
+    from .volumes import ARRAY_EXTENSIONS
+
+    ext = path.suffix.lower()
+    if ext in MESH_EXTENSIONS:
+        return "mesh"
+    if ext == ".npz" and is_grid_file(path):
+        return "grid"
+    if kind.name == "image" and ext in IMAGE_EXTENSIONS and ext not in ARRAY_EXTENSIONS:
+        return "image"
+    return "volume"
+
+
 def run_info(source: Any, path: Path | None, kind: Kind) -> dict[str, Any]:
     """``run.json``: where the input came from."""
     if path is not None:
-        input_kind = (
-            "image" if kind.name == "image" else ("grid" if path.suffix == ".npz" else "mesh")
-        )
+        input_kind = input_kind_of(path, kind)
         sha = file_sha256(path)
         return {
             "source": str(path.resolve()),
@@ -192,6 +207,8 @@ def run(
                 cfg.fit,
                 kind=kind,
                 value_scale=sig.value_scale,
+                value_offset=sig.value_offset,
+                peak=sig.peak,
                 transform=sig.transform,
                 device=device,
                 callback=on_record,

@@ -16,6 +16,7 @@ A run directory holds::
     summary.json           the figures of the run (:data:`SUMMARY_KEYS`)
     mesh_scale<j>.ply      (occupancy) the surface at each level of detail, input coordinates
     recon_scale<j>.png     (images) the reconstruction at each level of detail
+                           (volumes: none; `miner3d extract` writes any level on demand)
     levels.png, history.png  pictures: every level of detail; quality against time
 
 Nothing is overwritten without ``force``; every file is written atomically (metrics.csv is
@@ -291,6 +292,8 @@ def write_levels(model, kind, run_dir: Path, which: str) -> tuple[list[str], dic
 
     scales = {"all": list(range(model.layout.n_scales)), "finest": [0], "none": []}[which]
     written, meshes = [], {}
+    if kind.lod_output == "volume":
+        return [], meshes  # dense volumes are large: `miner3d extract` writes them on demand
     for j in scales:
         if kind.lod_output == "mesh":
             try:
@@ -310,12 +313,14 @@ def write_pictures(
 ) -> list[str]:
     """``levels.png`` (every level of detail beside its blocks) and ``history.png`` (quality
     against time). A picture that cannot be drawn (no OpenGL) is reported, not fatal."""
-    from .viz import plot_history, render_image_levels, render_levels
+    from .viz import plot_history, render_image_levels, render_levels, render_volume_levels
 
     written = []
     try:
         if kind.lod_output == "mesh":
             render_levels(model, run_dir / "levels.png", meshes=meshes)
+        elif kind.lod_output == "volume":
+            render_volume_levels(model, run_dir / "levels.png")
         else:
             render_image_levels(model, run_dir / "levels.png")
         written.append("levels.png")

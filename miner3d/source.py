@@ -38,6 +38,7 @@ class SignalSource:
         layout: the block layout (its ``shape`` must be ``S``).
         pad: ``"zero"`` or ``"edge"``: what the padding beyond ``S`` reads as.
         value_scale: multiplies raw samples into ``[0, 1]`` (1/255 for 8-bit images).
+        value_offset: subtracted from raw samples first (a volume's minimum).
         device: where blocks are returned (and where in-memory data is kept).
         budget: samples (times channels) gathered per read; bounds the transient memory of one
             read to about ``budget * (itemsize + 8)`` bytes.
@@ -51,6 +52,7 @@ class SignalSource:
         value_scale: float = 1.0,
         device: torch.device | str = "cpu",
         budget: int = 1 << 22,
+        value_offset: float = 0.0,
     ):
         if pad not in PAD_MODES:
             raise ValueError(f"pad must be one of {PAD_MODES}")
@@ -59,6 +61,7 @@ class SignalSource:
         self.layout = layout
         self.pad = pad
         self.value_scale = value_scale
+        self.value_offset = value_offset
         self.device = torch.device(device)
         self.budget = budget
         self.channels = int(data.shape[0])
@@ -77,8 +80,8 @@ class SignalSource:
     # -- reading -------------------------------------------------------------------------
     def _gather(self, index: list[torch.Tensor], valid: torch.Tensor | None) -> torch.Tensor:
         """Samples at clamped full-resolution indices (one mutually broadcastable tensor per
-        axis): ``(C, *broadcast)`` float32 times ``value_scale``, zero where ``valid`` is
-        False."""
+        axis): ``(C, *broadcast)`` float32, less ``value_offset``, times ``value_scale``;
+        zero where ``valid`` is False."""
         if self.mapped:
             where = tuple(i.cpu().numpy() for i in index)
             raw = torch.from_numpy(np.ascontiguousarray(self.data[(slice(None), *where)]))
@@ -86,6 +89,8 @@ class SignalSource:
         else:
             raw = self.data[(slice(None), *(i.to(self.data.device) for i in index))]
         values = raw.to(self.device).float()
+        if self.value_offset != 0.0:
+            values -= self.value_offset
         if self.value_scale != 1.0:
             values *= self.value_scale
         if valid is not None:

@@ -80,6 +80,8 @@ def fit(
     *,
     kind: Kind | str = "occupancy",
     value_scale: float = 1.0,
+    value_offset: float = 0.0,
+    peak: float = 1.0,
     transform: GridTransform | None = None,
     device: str | torch.device = "auto",
     callback: Callback | None = None,
@@ -100,6 +102,9 @@ def fit(
         config: :class:`FitConfig` (paper defaults if omitted).
         kind: the kind of signal (:mod:`miner3d.kinds`): its padding and its metrics.
         value_scale: multiplies raw values into ``[0, 1]`` (1/255 for 8-bit images).
+        value_offset: subtracted from raw values first (a volume's minimum): the model's
+            outputs times ``1 / value_scale``, plus ``value_offset``, are in the input's units.
+        peak: PSNR's peak in ``[0, 1]`` units (1: the fitted range).
         transform: the grid's transform, stored in the model.
         device: ``auto``, ``cpu`` or ``cuda``.
         callback: called with every history record (dict) as it is logged.
@@ -132,7 +137,8 @@ def fit(
         # small fits the page faults of fresh allocations cost up to 1.7x the time)
         return_large_frees()
     dev = pick_device(str(device))
-    trainer = _Trainer(signal, config, kind, value_scale, transform, dev, callback, meta)
+    values = (value_scale, value_offset, peak)
+    trainer = _Trainer(signal, config, kind, values, transform, dev, callback, meta)
     trainer.checkpoint = checkpoint
     trainer.checkpoint_seconds = checkpoint_seconds
     trainer.checkpoint_iterations = checkpoint_iterations
@@ -141,7 +147,7 @@ def fit(
 
 
 class _Trainer:
-    def __init__(self, signal, config, kind, value_scale, transform, device, callback, meta):
+    def __init__(self, signal, config, kind, values, transform, device, callback, meta):
         c = self.config = config
         self.kind: Kind = kind
         self.device = device
@@ -154,13 +160,18 @@ class _Trainer:
         self.d = self.layout.ndim
         self.channels = int(signal.shape[0])
         # the padding is virtual: what it reads as is the kind's (zero, or the border value)
-        self.source = SignalSource(signal, self.layout, kind.pad, value_scale, device)
+        value_scale, value_offset, self.peak = values
+        self.source = SignalSource(
+            signal, self.layout, kind.pad, value_scale, device, value_offset=value_offset
+        )
         shape = BankShape(self.d, c.hidden, c.hidden_layers, self.channels, c.w0)
         model_meta = {
             "config": asdict(c),
             "signal_kind": kind.name,
             "occupancy": kind.binary,
             "value_scale": value_scale,
+            "value_offset": value_offset,
+            "fitted_psnr_peak": self.peak,
             **(meta or {}),
         }
         per_block = self.channels * c.block**self.d
@@ -230,7 +241,7 @@ class _Trainer:
             t0 = time.perf_counter()
             self._fit_scale(j, resume if j == first else None)
             sums = self.model.measure(self.source, j, self.kind.binary, self.batch_blocks)
-            self.scale_metrics[j] = self.kind.metric_fields(sums)
+            self.scale_metrics[j] = self.kind.metric_fields(sums, self.peak)
             self.scale_times[j] = self.scale_times.get(j, 0.0) + time.perf_counter() - t0
             self._log(
                 {
@@ -325,7 +336,7 @@ class _Trainer:
                 st.freeze(block_mse, c.freeze_mse, self.residuals)
             record = None
             if j == 0 and c.metric_every and it % c.metric_every == 0:
-                record = self.kind.metric_fields(st.live_metrics(self.residuals))
+                record = self.kind.metric_fields(st.live_metrics(self.residuals), self.peak)
             if record is not None or it % 50 == 0 or it == 1:
                 self._log(
                     {

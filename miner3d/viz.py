@@ -165,6 +165,29 @@ def render_image_levels(model: MinerModel, path: str | Path, max_side: int = 102
     return _save_figure(fig, Path(path))
 
 
+def render_volume_levels(model: MinerModel, path: str | Path, size: int = 256) -> np.ndarray:
+    """The three orthogonal slices through the centre of a volume model at every level of
+    detail (rows: levels, coarse to fine; columns: the slices normal to axes 0, 1, 2), in the
+    input's units on one colour scale."""
+    import matplotlib
+
+    from .dense import central_slices
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = model.layout.n_scales
+    lo, hi = model.meta.get("value_range", [None, None])
+    fig, axes = plt.subplots(n, 3, figsize=(10, 3.3 * n), squeeze=False)
+    for row, j in enumerate(range(n - 1, -1, -1)):
+        for axis, plane in enumerate(central_slices(model, j, size)):
+            ax = axes[row, axis]
+            ax.imshow(plane.T, origin="lower", cmap="gray", vmin=lo, vmax=hi)
+            ax.set_title(f"lod {j}: slice normal to axis {axis}")
+            ax.axis("off")
+    return _save_figure(fig, Path(path))
+
+
 def plot_history(history: list[dict[str, Any]] | str | Path, path: str | Path) -> np.ndarray:
     """Quality (IoU or PSNR) against wall time, scale switches marked, from a history or
     ``metrics.csv``. Writes a PNG and returns it as an array."""

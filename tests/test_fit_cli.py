@@ -398,9 +398,9 @@ def test_seed_and_threads_flags(cli, meshes_dir, tmp_path):
     assert code != 0 and "--threads" in err
 
 
-def test_unknown_or_unavailable_kind(cli, expect_error, meshes_dir, tmp_path):
+def test_unknown_or_mismatched_kind(cli, expect_error, meshes_dir, tmp_path):
     code, _, err = cli("fit", meshes_dir / "teapot.obj", "--kind", "volume", "-o", tmp_path / "r")
-    expect_error(code, err, "not available yet")
+    expect_error(code, err, "is a mesh or a miner3d grid: an occupancy input")
     code, _, err = cli("fit", meshes_dir / "teapot.obj", "--kind", "texture", "-o", tmp_path / "r")
     expect_error(code, err, "unknown kind 'texture'")
     assert not (tmp_path / "r").exists()
