@@ -95,8 +95,9 @@ def _build_parser() -> argparse.ArgumentParser:
     vox.add_argument(
         "--method",
         default="robust",
-        help="robust (default: 3 axes + winding number, tolerates holes), nonzero (union of "
-        "overlapping bodies), parity (fastest, closed meshes only), open3d (slow reference)",
+        help="robust (default: nonzero rule on 3 axes + fast winding number; overlapping "
+        "bodies are a union, holes are capped), evenodd (overlaps cancel), parity (fastest, "
+        "closed meshes only), open3d (slow reference)",
     )
     vox.add_argument(
         "--max-memory",

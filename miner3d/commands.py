@@ -238,7 +238,6 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_voxelize(args: argparse.Namespace) -> int:
-    from . import api
     from .console import describe_voxelize
     from .grid import check_resolution
 
@@ -248,7 +247,9 @@ def cmd_voxelize(args: argparse.Namespace) -> int:
         raise MinerError(f"the output must end in .npz or .binvox, got {output}")
     _refuse_existing(output, args.force)
     start = time.perf_counter()
-    grid = api.voxelize(
+    from .voxelizer import voxelize_file  # not through the API: no torch to import
+
+    grid = voxelize_file(
         args.mesh,
         args.resolution,
         method=args.method,

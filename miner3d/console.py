@@ -118,6 +118,12 @@ def describe_voxelize(mesh, output, grid, seconds: float) -> tuple[str, str]:
             f"warning: {open_columns} columns crossed the surface an odd number of times "
             "(the mesh has holes) and were left empty; try --method robust"
         )
+    elif grid.meta.get("open_bodies"):
+        note = (
+            f"note: {grid.meta['open_bodies']} of the mesh's {grid.meta['bodies']} bodies are "
+            f"not closed; {grid.meta.get('winding_voxels', 0)} voxels were decided by the "
+            "winding number, body by body"
+        )
     elif open_columns:
         note = (
             f"note: the mesh is not closed ({open_columns} open columns); "

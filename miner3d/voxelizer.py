@@ -4,20 +4,27 @@ Methods live in a registry (:data:`VOXELIZERS`); each takes the mesh's vertices 
 continuous grid coordinates (see :mod:`miner3d.grid`) and the grid shape, and returns a
 uint8 occupancy array of that shape plus a dict of diagnostics.
 
-* ``robust`` (default): a ladder, each step measured to be needed (see the tests):
+* ``robust`` (default): the solid of the generalised winding number (``|w| >= 1/2``): the
+  union of overlapping bodies, cavities where an inner shell is inverted, holes capped. A
+  ladder (:mod:`miner3d.ladder`), each step measured to be needed (see the tests):
 
-  1. exact ray parity through every column of voxel centres (fixed-point edge functions with a
-     symbolic tie-break: a crossing on a shared edge or vertex counts exactly once);
-  2. the same along all three axes; a column crossed an odd number of times (it passed
+  1. exact rays through every column of voxel centres (fixed-point edge functions with a
+     symbolic tie-break: a crossing on a shared edge or vertex counts exactly once), counted
+     by the nonzero rule (+-1 by the triangle's orientation);
+  2. the same along all three axes; a column whose crossings do not sum to zero (it passed
      through a hole) does not vote, and a voxel whose voting axes all agree is decided;
-  3. the few voxels whose axes disagree, or that no closed column reaches, take the
-     generalised winding number of the mesh (``|w| >= 1/2``), computed exactly while that
-     costs at most ``2e9`` voxel-triangle pairs (about 20 s on two cores); beyond, they take
-     the majority of their closed axes (ties inside), and the diagnostics say so.
+  3. the voxels whose axes disagree, or that no closed column reaches, take the winding
+     number: exact for a few, libigl's fast winding number (Barill et al. 2018) beyond.
+  4. A mesh of several bodies that would leave more than :data:`BODY_BY_BODY` voxels
+     undecided (holes in overlapping bodies open every column that crosses them) is
+     voxelized body by body instead (:mod:`miner3d.bodies`), as a probe on a grid 8x coarser
+     predicts.
 
-  Orientation does not matter (an inverted mesh gives the same solid).
-* ``nonzero``: the same ladder with the nonzero-winding rule (crossings count +-1 by triangle
-  orientation) so overlapping or self-intersecting bodies give their union.
+  Orientation does not matter (an inverted mesh gives the same solid). ``nonzero`` is the
+  same method (its name before it became the default).
+* ``evenodd``: steps 1-3 with the parity rule: overlapping bodies cancel (their intersection
+  is outside, as the even-odd fill of 2D graphics); the default until the nonzero rule
+  replaced it.
 * ``parity``: step 1 along z only: the fastest, 1 byte per voxel, exact for closed meshes;
   odd columns are left empty and counted in the diagnostics.
 * ``open3d``: open3d's ``RaycastingScene.compute_occupancy`` at every voxel centre, slab by
@@ -36,10 +43,14 @@ import numpy as np
 
 from .errors import MinerError
 from .grid import GridTransform, OccupancyGrid
+from .ladder import AXIS_PLANES, solid_votes, winding_inside
 from .memory import format_size, preflight
 
 Voxelizer = Callable[[np.ndarray, np.ndarray, tuple[int, int, int]], tuple[np.ndarray, dict]]
 VOXELIZERS: dict[str, Voxelizer] = {}
+BODY_BY_BODY = 100_000
+"""Undecided voxels beyond which a mesh of several bodies is voxelized body by body
+(:mod:`miner3d.bodies`): under it, the whole mesh's fast winding number is cheap enough."""
 
 
 def register(name: str) -> Callable[[Voxelizer], Voxelizer]:
@@ -58,101 +69,86 @@ def voxelize_parity(
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Step 1 along z only: exact for closed meshes; columns crossed an odd number of times are
     left empty. Peak memory: the uint8 result + 13 bytes per candidate crossing."""
-    return _voxelize_votes(
-        vertices, faces, shape, nonzero=False, planes=_AXIS_PLANES[:1], undecided="outside"
+    return solid_votes(
+        vertices, faces, shape, nonzero=False, planes=AXIS_PLANES[:1], undecided="outside"
     )
-
-
-def _fixed_point(vertices: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, int]:
-    """Grid coordinates snapped to ``2**shift`` steps per voxel, int64 ``(V, 3)``, and half a
-    voxel in those units. |coordinates| < 2^30, so the edge functions are exact in int64."""
-    shift = 29 - math.ceil(math.log2(max(shape) + 1))
-    return np.rint(vertices * float(1 << shift)).astype(np.int64), 1 << (shift - 1)
-
-
-# the column axis c, and the two axes (a, b) of its columns, in cyclic order (right-handed)
-_AXIS_PLANES = ((2, 0, 1), (0, 1, 2), (1, 2, 0))
-
-
-def _voxelize_votes(
-    vertices: np.ndarray,
-    faces: np.ndarray,
-    shape: tuple[int, int, int],
-    nonzero: bool,
-    planes: tuple[tuple[int, int, int], ...] = _AXIS_PLANES,
-    undecided: str = "winding",
-    winding_budget: float = 2e9,
-) -> tuple[np.ndarray, dict[str, Any]]:
-    """Steps 1-3 of the robust ladder, along the columns of ``planes`` (``(c, a, b)``: column
-    axis, then the two axes that index the columns). Voxels the closed axes do not decide
-    take the winding number (``undecided="winding"``) or stay empty (``"outside"``).
-
-    Peak memory: the ``(nx, ny, nz)`` uint8 result (votes are decided in place) + per axis
-    13 bytes per candidate crossing (at most the triangles' projected bounding boxes in
-    columns) + the winding number's ``(F, 3, 3)`` float64 triangles when it runs.
-    """
-    from . import _raster
-    from .winding import winding_numbers
-
-    fixed, half = _fixed_point(vertices, shape)
-    faces = np.ascontiguousarray(faces, dtype=np.int64)
-    votes = np.zeros(shape, dtype=np.uint8)
-    flat = votes.reshape(-1)
-    strides = [s // votes.itemsize for s in votes.strides]
-    info: dict[str, Any] = {"odd_columns": {}}
-    for c, a, b in planes:
-        fa = np.ascontiguousarray(fixed[:, a])
-        fb = np.ascontiguousarray(fixed[:, b])
-        gc = np.ascontiguousarray(vertices[:, c], dtype=np.float64)
-        na, nb, nc = shape[a], shape[b], shape[c]
-        capacity = _raster.crossing_capacity(fa, fb, faces, half, na, nb)
-        col = np.empty(capacity, dtype=np.int64)
-        depth = np.empty(capacity, dtype=np.int32)
-        sign = np.empty(capacity, dtype=np.int8)
-        n = _raster.collect_crossings(fa, fb, gc, faces, half, na, nb, nc, col, depth, sign)
-        offsets, depth, sign = _raster.sort_by_column(col[:n], depth[:n], sign[:n], na * nb)
-        del col
-        _raster.add_votes(
-            offsets, depth, sign, flat, nb, nc, strides[a], strides[b], strides[c], 2 + c, nonzero
-        )
-        info["odd_columns"]["xyz"[c]] = _count_open_columns(offsets, sign, nonzero)
-    _raster.decide_votes(flat, len(planes))
-    ambiguous = np.flatnonzero(flat >= 2)
-    info["ambiguous_voxels"] = int(ambiguous.size)
-    if undecided == "outside":
-        flat[ambiguous] = 0
-    elif ambiguous.size and ambiguous.size * len(faces) <= winding_budget:
-        centres = np.stack(np.unravel_index(ambiguous, shape), axis=1) + 0.5
-        inside = np.abs(winding_numbers(centres, vertices, faces)) >= 0.5
-        flat[ambiguous] = inside
-        info["winding_voxels"] = int(ambiguous.size)
-    elif ambiguous.size:  # too many for the exact winding number: the majority of votes
-        flat[ambiguous] = flat[ambiguous] == 2
-        info["winding_voxels"] = 0
-    return votes, info
-
-
-def _count_open_columns(offsets: np.ndarray, sign: np.ndarray, nonzero: bool) -> int:
-    if not nonzero:
-        return int(np.count_nonzero(np.diff(offsets) % 2))
-    running = np.concatenate([[0], np.cumsum(sign, dtype=np.int64)])
-    return int(np.count_nonzero(running[offsets[1:]] != running[offsets[:-1]]))
 
 
 @register("robust")
 def voxelize_robust(
     vertices: np.ndarray, faces: np.ndarray, shape: tuple[int, int, int]
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Parity rule, three axes, winding number for the undecided (see the module doc)."""
-    return _voxelize_votes(vertices, faces, shape, nonzero=False)
+    """Nonzero rule, three axes, fast winding number for the undecided; a mesh of several
+    open bodies with many undecided voxels is voxelized body by body (see the module doc)."""
+    if _undecided_estimate(vertices, faces, shape) > BODY_BY_BODY:
+        result = _body_by_body(vertices, faces, shape, {})
+        if result is not None:
+            return result
+    votes, info = solid_votes(vertices, faces, shape, nonzero=True, undecided="mark")
+    flat = votes.reshape(-1)
+    ambiguous = np.flatnonzero(flat >= 2)
+    info["ambiguous_voxels"] = int(ambiguous.size)
+    if ambiguous.size > BODY_BY_BODY:
+        result = _body_by_body(vertices, faces, shape, info)
+        if result is not None:
+            return result
+    if ambiguous.size:
+        centres = np.stack(np.unravel_index(ambiguous, shape), axis=1) + 0.5
+        inside, how = winding_inside(centres, vertices, faces, 2e9)
+        flat[ambiguous] = flat[ambiguous] == 2 if inside is None else inside
+        info["winding_voxels"] = 0 if inside is None else int(ambiguous.size)
+        info["winding"] = how
+    return votes, info
+
+
+def _undecided_estimate(vertices: np.ndarray, faces: np.ndarray, shape: tuple[int, ...]) -> int:
+    """The voxels the whole mesh's ladder would leave undecided, from the same ladder on a grid
+    8x coarser per axis (about 1/40 of the time on 100k triangles): scaled by the ratio of the
+    grids' sizes. Not run on meshes of over a million triangles (it would cost a third of the
+    ladder): those find out after the ladder."""
+    coarse = tuple(max(8, n // 8) for n in shape)
+    if math.prod(shape) < 64 * math.prod(coarse) or len(faces) > 1_000_000:
+        return 0  # too small to be worth a probe, or too many triangles for it to be cheap
+    scale = np.asarray(coarse, dtype=np.float64) / np.asarray(shape)
+    votes, _ = solid_votes(vertices * scale, faces, coarse, nonzero=True, undecided="mark")
+    return int(np.count_nonzero(votes >= 2) * math.prod(shape) / math.prod(coarse))
+
+
+def _body_by_body(
+    vertices: np.ndarray, faces: np.ndarray, shape: tuple[int, int, int], info: dict
+) -> tuple[np.ndarray, dict[str, Any]] | None:
+    """:func:`miner3d.bodies.voxelize_bodies` if the mesh has several bodies (and libigl is
+    there), else ``None``."""
+    try:
+        import igl  # noqa: F401
+    except ImportError:
+        return None
+    from .bodies import MAX_BODIES, bodies, voxelize_bodies
+
+    labels, count = bodies(vertices, faces)
+    if not 1 < count <= MAX_BODIES:
+        return None
+    occupancy, extra = voxelize_bodies(vertices, faces, shape, labels)
+    if "ambiguous_voxels" in info:
+        extra["ladder_ambiguous_voxels"] = info["ambiguous_voxels"]
+    return occupancy, {"odd_columns": info.get("odd_columns", {}), **extra}
 
 
 @register("nonzero")
 def voxelize_nonzero(
     vertices: np.ndarray, faces: np.ndarray, shape: tuple[int, int, int]
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Nonzero-winding rule, three axes, winding number for the undecided."""
-    return _voxelize_votes(vertices, faces, shape, nonzero=True)
+    """The name ``robust`` had before it became the nonzero rule: the same method."""
+    return voxelize_robust(vertices, faces, shape)
+
+
+@register("evenodd")
+def voxelize_evenodd(
+    vertices: np.ndarray, faces: np.ndarray, shape: tuple[int, int, int]
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Parity rule, three axes, winding number for the undecided: overlapping bodies cancel
+    (their intersection is outside), as the even-odd fill of 2D graphics."""
+    return solid_votes(vertices, faces, shape, nonzero=False)
 
 
 @register("open3d")

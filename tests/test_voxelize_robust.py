@@ -95,19 +95,20 @@ def _analytic(grid, boxes, rule):
     return rule(*inside)
 
 
-def test_overlapping_bodies_nonzero_gives_union_parity_gives_xor():
+def test_overlapping_bodies_robust_gives_union_evenodd_gives_xor():
     mesh, a, b = _two_overlapping_boxes()
-    union = voxelize(mesh, 48, method="nonzero")
-    np.testing.assert_array_equal(
-        union.occupancy.astype(bool), _analytic(union, (a, b), np.logical_or)
-    )
-    xor = voxelize(mesh, 48, method="robust")
+    for method in ("robust", "nonzero"):
+        union = voxelize(mesh, 48, method=method)
+        np.testing.assert_array_equal(
+            union.occupancy.astype(bool), _analytic(union, (a, b), np.logical_or)
+        )
+    xor = voxelize(mesh, 48, method="evenodd")
     np.testing.assert_array_equal(
         xor.occupancy.astype(bool), _analytic(xor, (a, b), np.logical_xor)
     )
 
 
-@pytest.mark.parametrize("method", ["robust", "nonzero", "parity"])
+@pytest.mark.parametrize("method", ["robust", "evenodd", "parity"])
 def test_inverted_orientation_gives_the_same_solid(meshes_dir, method):
     mesh = load_mesh(meshes_dir / "fandisk.obj")
     inverted = trimesh.Trimesh(mesh.vertices, mesh.faces[:, ::-1], process=False)
