@@ -57,6 +57,31 @@ def image_ssim(model: MinerModel, image: np.ndarray, value_scale: float) -> floa
     return float(structural_similarity(recon, truth, data_range=1.0, channel_axis=-1))
 
 
+def volume_ssim(model: MinerModel, volume: np.ndarray, peak: float) -> float | None:
+    """3D SSIM (``skimage.metrics.structural_similarity`` on the whole volume, 7^3 windows) of
+    the finest reconstruction against ``volume`` ``(C, X, Y, Z)`` in the input's units, with
+    ``peak`` (PSNR's peak, input units) as the data range; the mean over channels. ``None`` for
+    volumes over :data:`SSIM_MAX_SAMPLES` samples (float64 copies, about 48 bytes a sample) or
+    smaller than the window."""
+    from skimage.metrics import structural_similarity
+
+    from .dense import render_volume
+    from .memory import available_memory
+
+    volume = np.asarray(volume)
+    if volume.size > SSIM_MAX_SAMPLES or min(volume.shape[1:]) < 7:
+        return None
+    if 56 * volume.size > available_memory():
+        return None
+    recon = render_volume(model, 0)
+    recon = recon[None] if recon.ndim == 3 else np.moveaxis(recon, -1, 0)
+    scores = [
+        structural_similarity(r, v.astype(np.float32), data_range=peak)
+        for r, v in zip(recon, volume, strict=True)
+    ]
+    return float(np.mean(scores))
+
+
 def evaluate(
     model: MinerModel,
     occupancy: np.ndarray | None = None,

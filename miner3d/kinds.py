@@ -238,7 +238,10 @@ def volume_signal(
     """A volume's samples ``(C, X, Y, Z)`` as a :class:`Signal` mapped to ``[0, 1]`` by their
     range, with PSNR's peak the dtype's range (integers) or the range itself (floats)."""
     if data.dtype == np.float64 or data.dtype == np.float16:
-        data = data.astype(np.float32)  # the source reads float32; a copy of the file's size
+        from .memory import preflight
+
+        preflight(f"converting {path} to float32", data.size * 4)
+        data = data.astype(np.float32)  # the source reads float32: a copy, 4 bytes a sample
     lo, hi = sample_range(data, path)
     scale = 1.0 / (hi - lo)
     peak = 1.0

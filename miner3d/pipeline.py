@@ -247,6 +247,10 @@ def run(
         from .evaluate import image_ssim
 
         ssim = image_ssim(model, sig.data, sig.value_scale)
+    elif kind.name == "volume":
+        from .evaluate import volume_ssim
+
+        ssim = volume_ssim(model, sig.data, sig.peak / sig.value_scale)
     output_seconds = time.perf_counter() - t0
     samples = math.prod(sig.shape) * sig.channels
     reference = kind.reference_bytes(samples, sig.data.dtype.itemsize)
@@ -257,7 +261,7 @@ def run(
         "shape": list(sig.shape),
         **result.summary,
         f"seconds_to_{kind.metric}": time_to(result.history, kind.metric, kind.thresholds),
-        **({"ssim": ssim} if kind.name == "image" else {}),
+        **({"ssim": ssim} if kind.lod_output in ("image", "volume") else {}),
         "model_bytes": model_bytes,
         "compression_ratio": reference / model_bytes,
         "compared_with": kind.reference,

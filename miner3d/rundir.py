@@ -68,7 +68,8 @@ SUMMARY_KEYS: dict[str, str] = {
     "iou": "occupancy: full-grid IoU at threshold 0.5 of the finest level fitted",
     "iou_04": "occupancy: the same at threshold 0.4 (as the official MINER code reports)",
     "psnr": "images: PSNR in dB of the finest level fitted",
-    "ssim": "images: SSIM of the finest level (null for images over 16 M samples)",
+    "ssim": "images and volumes: SSIM (volumes: 3D, data range = PSNR's peak) of the finest "
+    "level (null over 16 M samples)",
     "seconds_to_iou": "occupancy: {threshold: first second the IoU reached it, or null}",
     "seconds_to_psnr": "images: {threshold in dB: first second the PSNR reached it, or null}",
     "model_bytes": "bytes of model.safetensors",

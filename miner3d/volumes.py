@@ -264,9 +264,21 @@ def write_binvox(path: str | Path, occupancy: np.ndarray, transform: GridTransfo
 
 def read_volume(path: str | Path, max_memory: int | None = None) -> Volume:
     """A volume file of any :data:`VOLUME_EXTENSIONS` (see the module doc). Arrays with no
+    coordinates get ``transform=None``. Samples stored in the other byte order (big-endian
+    NRRD, NIfTI or NumPy files) are swapped into memory, after a size check. Raises
+    :class:`MinerError` in one line for anything unreadable, empty, of a non-numeric dtype, or
+    larger than ``max_memory`` once decoded."""
+    volume = _read_volume(check_input_file(path, "volume file"), max_memory)
+    if not volume.data.dtype.isnative:
+        preflight(f"byte-swapping {path}", volume.data.nbytes, max_memory)
+        volume.data = volume.data.astype(volume.data.dtype.newbyteorder("="))
+    return volume
+
+
+def _read_volume(path: Path, max_memory: int | None) -> Volume:
+    """A volume file of any :data:`VOLUME_EXTENSIONS` (see the module doc). Arrays with no
     coordinates get ``transform=None``. Raises :class:`MinerError` in one line for anything
     unreadable, empty, of a non-numeric dtype, or larger than ``max_memory`` once decoded."""
-    path = check_input_file(path, "volume file")
     ext = suffix(path)
     if ext in ARRAY_EXTENSIONS:
         array = read_array(path, max_memory)
