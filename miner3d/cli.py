@@ -198,12 +198,26 @@ def _build_parser() -> argparse.ArgumentParser:
         "(.npy .nii .nii.gz .vti .mha .tif)",
     )
     ext.add_argument(
-        "--lod", "--scale", dest="lod", type=int, default=0, help="level of detail (0: finest)"
+        "--lod",
+        "--scale",
+        dest="lod",
+        type=float,
+        default=None,
+        help="level of detail: 0 the finest, fractions blend two levels (default: the finest "
+        "for meshes; for pictures and volumes the level whose sample spacing matches the "
+        "output, anti-aliased as a mipmap)",
     )
     ext.add_argument(
         "-r",
         "--resolution",
-        help="3D: samples along the longest axis; images: WxH (default: the level's own grid)",
+        help="samples along the longest axis (the aspect kept); images also WxH (default: "
+        "the level's own grid; volumes: the input's shape)",
+    )
+    ext.add_argument(
+        "--off-grid",
+        action="store_true",
+        help="images: evaluate the finest scale's MLPs at the output pixels instead of "
+        "interpolating between their samples",
     )
     ext.add_argument(
         "--level",

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -18,6 +19,18 @@ def _refuse_existing(path: Path | None, force: bool) -> None:
         raise MinerError(f"{path} exists; pass --force to overwrite it")
 
 
+def _image_size(text: str, shape: tuple[int, int]) -> tuple[int, int]:
+    """``--resolution`` of an image: ``N`` for the longest side (the aspect kept), or ``WxH``;
+    returns ``(H, W)``."""
+    w, sep, h = str(text).lower().partition("x")
+    if not sep and w.isdigit() and int(w) >= 1:
+        n, longest = int(w), max(shape)
+        return max(1, round(shape[0] * n / longest)), max(1, round(shape[1] * n / longest))
+    if not sep or not w.isdigit() or not h.isdigit() or int(w) < 1 or int(h) < 1:
+        raise MinerError(f"--resolution takes N (the longest side) or WxH, got {text!r}")
+    return int(h), int(w)
+
+
 def cmd_extract(args: argparse.Namespace) -> int:
     from .dense import fitted_level, save_volume
     from .extract import IMAGE_OUTPUTS, MESH_OUTPUTS, marching_cubes, save_image, save_mesh
@@ -27,8 +40,12 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
     _refuse_existing(args.output, args.force)
     model = MinerModel.load(args.model)
-    if not 0 <= args.lod < model.layout.n_scales:
-        raise MinerError(f"--lod (--scale) must be in [0, {model.layout.n_scales - 1}]")
+    top = model.layout.n_scales - 1
+    lod = args.lod
+    if lod is not None and not (math.isfinite(lod) and 0 <= lod <= top):
+        raise MinerError(f"--lod (--scale) must be in [0, {top}], got {lod:g}")
+    if lod is not None and float(lod).is_integer():
+        lod = int(lod)
     suffix = volume_suffix(args.output)
     wanted = {"occupancy": MESH_OUTPUTS, "image": IMAGE_OUTPUTS}.get(
         model.kind, VOLUME_OUTPUTS + MESH_OUTPUTS
@@ -37,27 +54,31 @@ def cmd_extract(args: argparse.Namespace) -> int:
         got = suffix or str(args.output)
         raise MinerError(f"an {model.kind} model is extracted to {', '.join(wanted)}; got '{got}'")
     if model.kind == "image":
-        height, width = model.layout.valid_shape(args.lod)
-        if args.resolution is not None:
-            w, sep, h = str(args.resolution).lower().partition("x")
-            if not sep or not w.isdigit() or not h.isdigit() or int(w) < 1 or int(h) < 1:
-                raise MinerError(f"--resolution takes WxH for images, got {args.resolution!r}")
-            width, height = int(w), int(h)
-        own = (height, width) == tuple(model.layout.valid_shape(args.lod))
-        save_image(model, args.output, args.lod, None if own else (height, width))
+        from .sampling import auto_lod
+
+        shape = model.layout.valid_shape(0)
+        size = None if args.resolution is None else _image_size(args.resolution, shape)
+        save_image(model, args.output, lod, size, off_grid=args.off_grid)
+        height, width = size or model.layout.valid_shape(int(lod or 0))
+        shown = lod if lod is not None or size is None else auto_lod(shape, size, top + 1)
         print(
-            f"{args.output}: {width}x{height} ({model.meta.get('dtype', 'uint8')}, lod {args.lod})"
+            f"{args.output}: {width}x{height} ({model.meta.get('dtype', 'uint8')}, "
+            f"lod {shown or 0:.3g}{', off the grid' if args.off_grid else ''})"
         )
         return 0
+    if args.off_grid:
+        raise MinerError("--off-grid is for image models")
     resolution = None
     if args.resolution is not None:
         if not str(args.resolution).isdigit():
             raise MinerError(f"--resolution takes a number for 3D models, got {args.resolution!r}")
         resolution = int(args.resolution)
     if suffix in VOLUME_OUTPUTS:
-        save_volume(model, args.output, args.lod, resolution)
-        print(f"{args.output}: float32 volume in the input's units (lod {args.lod})")
+        save_volume(model, args.output, lod, resolution)
+        shown = "auto" if lod is None else f"{lod:g}"
+        print(f"{args.output}: float32 volume in the input's units (lod {shown})")
         return 0
+    lod = lod or 0
     level = 0.5 if args.level is None else args.level
     if model.kind == "volume":
         if args.level is None:
@@ -67,9 +88,9 @@ def cmd_extract(args: argparse.Namespace) -> int:
                 f"units; its samples range over [{lo:g}, {hi:g}])"
             )
         level = fitted_level(model, args.level)
-    vertices, faces = marching_cubes(model, args.lod, level, resolution=resolution)
+    vertices, faces = marching_cubes(model, lod, level, resolution=resolution)
     save_mesh(vertices, faces, args.output)
-    print(f"{args.output}: {len(vertices):,} vertices, {len(faces):,} triangles (lod {args.lod})")
+    print(f"{args.output}: {len(vertices):,} vertices, {len(faces):,} triangles (lod {lod:g})")
     return 0
 
 

@@ -65,13 +65,18 @@ def volume_bytes(model: MinerModel, shape: tuple[int, ...], band: int = 1 << 20)
 
 
 def render_volume(
-    model: MinerModel, scale: int = 0, resolution: int | None = None, band: int = 1 << 20
+    model: MinerModel,
+    scale: float | None = 0,
+    resolution: int | None = None,
+    band: int = 1 << 20,
 ) -> np.ndarray:
     """Level of detail ``scale`` as a dense float32 array in the input's units.
 
     Args:
         scale: level of detail (0: finest; a coarser level is sampled on the full grid, its
-            coarse scales interpolated, as :meth:`~miner3d.model.MinerModel.query` does).
+            coarse scales interpolated, as :meth:`~miner3d.model.MinerModel.query` does),
+            fractional allowed (:mod:`miner3d.sampling`); ``None``: the level whose sample
+            spacing matches the output (anti-aliased when coarser, as a mipmap).
         resolution: samples along the longest axis (default: the input's own shape).
         band: samples evaluated per step.
 
@@ -84,10 +89,15 @@ def render_volume(
     layout, channels = model.layout, model.channels
     if layout.ndim != 3:
         raise MinerError("a dense volume needs a 3D model")
+    from .sampling import auto_lod
+
     shape = output_shape(model, resolution)
+    if scale is None:
+        scale = auto_lod(layout.shape, shape, layout.n_scales)
     preflight(f"writing a {'x'.join(map(str, shape))} volume", volume_bytes(model, shape, band))
     out = np.empty((*shape, channels), dtype=np.float32)
-    if resolution is None:
+    if tuple(shape) == tuple(layout.shape) and float(scale).is_integer():
+        scale = int(scale)
         b = layout.block
         batch = max(1, band // (channels * b**3))
         for ids, values in model.iter_blocks(0, from_scale=scale, batch=batch):

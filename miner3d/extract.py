@@ -76,12 +76,13 @@ def _layer(model: MinerModel, scale: int, layer: int, batch: int) -> np.ndarray:
 
 def marching_cubes(
     model: MinerModel,
-    scale: int = 0,
+    scale: float = 0,
     level: float = 0.5,
     batch: int = 256,
     resolution: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Surface of the model's first channel at ``level``, at level of detail ``scale``.
+    """Surface of the model's first channel at ``level``, at level of detail ``scale`` (a
+    fractional one is sampled at its coarser level's resolution unless ``resolution`` says).
 
     Args:
         batch: blocks decoded at once; with the default, extracting a 512^3 model peaks at
@@ -97,6 +98,8 @@ def marching_cubes(
     layout = model.layout
     if layout.ndim != 3:
         raise MinerError("marching cubes needs a 3D model")
+    if resolution is None and not float(scale).is_integer():  # a blend: queried, not decoded
+        resolution = max(8, max(layout.valid_shape(int(scale))))
     what = f"extracting level of detail {scale}"
     if resolution is not None:
         what = f"extracting at resolution {resolution}"
@@ -158,15 +161,20 @@ def image_bytes(
     size: tuple[int, int] | None = None,
     dtype: np.dtype | type = np.uint8,
     band: int = 1 << 20,
+    off_grid: bool = False,
 ) -> int:
     """Estimated peak bytes of :func:`render_image` above the loaded model: the output, the
     coarse fields, and one band of work: ``band`` query points at ~196 bytes each (float64
     positions, the neighbours' indices and weights, the values) when rendering at another
     size, or ``band`` decoded samples of float32 with their temporaries on the level's own
-    grid. Measured peak RSS increase at 4096^2 and 8192^2 RGB renderings: 1.00x and 1.03x."""
+    grid; off the grid, also one chunk of ``2^16`` gathered MLPs (see
+    :func:`miner3d.sampling.query`). Measured peak RSS increase at 4096^2 and 8192^2 RGB
+    renderings: 1.00x and 1.03x."""
     height, width = model.layout.valid_shape(scale) if size is None else size
     out = height * width * model.channels * np.dtype(dtype).itemsize
     work = band * 196 if size is not None else band * 4 * 8
+    if off_grid and model.scales[0] is not None:
+        work += (1 << 16) * model.scales[0].bank.shape.params_per_block * 4
     return out + model.field_bytes() + work
 
 
@@ -193,31 +201,44 @@ def save_mesh(vertices: np.ndarray, faces: np.ndarray, path: str | Path) -> Path
 
 def render_image(
     model,
-    scale: int = 0,
+    scale: float | None = 0,
     size: tuple[int, int] | None = None,
     dtype: np.dtype | type = np.uint8,
     band: int = 1 << 20,
+    off_grid: bool = False,
 ) -> np.ndarray:
     """A 2D model's level of detail ``scale`` as an integer image.
 
     Args:
         model: a 2D :class:`~miner3d.model.MinerModel`.
-        scale: level of detail (0: finest).
-        size: ``(H, W)`` to render at by querying the continuous model (super- or
-            sub-sampling); ``None``: scale ``scale``'s own grid, decoded block batch by batch.
+        scale: level of detail (0: finest), fractional allowed (:mod:`miner3d.sampling`);
+            ``None``: the level whose sample spacing matches ``size`` (an anti-aliased
+            minification, as a mipmap; the finest level when enlarging).
+        size: ``(H, W)`` to render at by querying the continuous model at the output pixels'
+            centres; ``None``: the level's own grid (of ``floor(scale)`` for a fractional
+            one), decoded block batch by block batch for an integer level.
         dtype: ``np.uint8`` or ``np.uint16`` (values clipped to ``[0, 1]`` and rounded), or
             ``np.float32`` (clipped to ``[0, 1]``).
         band: samples evaluated per step.
+        off_grid: evaluate the finest scale's MLPs at the output pixels' centres.
 
     Returns:
         ``(H, W, C)``, or ``(H, W)`` for one channel. Memory: the output in ``dtype`` plus one
         step of float32 (no float copy of the whole image).
     """
+    from .sampling import auto_lod
+
     layout, channels = model.layout, model.channels
-    height, width = layout.valid_shape(scale) if size is None else size
+    if scale is None:
+        scale = 0 if size is None else auto_lod(layout.shape, size, layout.n_scales)
+    own = layout.valid_shape(int(scale))
+    if size is None and (off_grid or not float(scale).is_integer()):
+        size = tuple(own)
+    height, width = own if size is None else size
     if height < 1 or width < 1:
         raise MinerError(f"an image size must be at least 1 x 1, got {width} x {height}")
-    preflight(f"rendering a {width} x {height} image", image_bytes(model, scale, size, dtype, band))
+    needed = image_bytes(model, int(scale), size, dtype, band, off_grid)
+    preflight(f"rendering a {width} x {height} image", needed)
     floating = np.issubdtype(dtype, np.floating)
     top = 1.0 if floating else np.iinfo(dtype).max
 
@@ -225,31 +246,34 @@ def render_image(
         values = values.clamp(0, 1).cpu().numpy()
         return values.astype(dtype) if floating else np.rint(values * top).astype(dtype)
 
+    out = np.empty((height, width, channels), dtype=dtype)
     if size is None:
-        height, width = layout.valid_shape(scale)
-        out = np.empty((height, width, channels), dtype=dtype)
         b = layout.block
         batch = max(1, band // (channels * b * b))
-        for ids, values in model.iter_blocks(scale, batch=batch):
+        for ids, values in model.iter_blocks(int(scale), batch=batch):
             block = quantize(values).transpose(0, 2, 3, 1)  # (n, b, b, C)
-            for (r, c), tile in zip(layout.unravel(scale, ids).tolist(), block, strict=True):
+            for (r, c), tile in zip(layout.unravel(int(scale), ids).tolist(), block, strict=True):
                 rows, cols = min(b, height - r * b), min(b, width - c * b)
                 if rows > 0 and cols > 0:
                     out[r * b : r * b + rows, c * b : c * b + cols] = tile[:rows, :cols]
     else:
-        height, width = size
-        out = np.empty((height, width, channels), dtype=dtype)
         cols = (np.arange(width) + 0.5) * layout.shape[1] / width
         step = max(1, band // width)
         for r0 in range(0, height, step):
             rows = (np.arange(r0, min(r0 + step, height)) + 0.5) * layout.shape[0] / height
             grid = np.stack(np.meshgrid(rows, cols, indexing="ij"), axis=-1).reshape(-1, 2)
-            values = model.query(grid, grid_coords=True, from_scale=scale)  # (P, C)
+            values = model.query(grid, grid_coords=True, from_scale=scale, off_grid=off_grid)
             out[r0 : r0 + len(rows)] = quantize(values).reshape(len(rows), width, channels)
     return out[..., 0] if channels == 1 else out
 
 
-def save_image(model, path: Path, scale: int = 0, size: tuple[int, int] | None = None) -> Path:
+def save_image(
+    model,
+    path: Path,
+    scale: float | None = 0,
+    size: tuple[int, int] | None = None,
+    off_grid: bool = False,
+) -> Path:
     """Write :func:`render_image` as an 8- or 16-bit picture (16-bit if the fitted image was)
     atomically; the format follows the extension (:data:`IMAGE_OUTPUTS`)."""
     import imageio.v3 as iio
@@ -271,7 +295,7 @@ def save_image(model, path: Path, scale: int = 0, size: tuple[int, int] | None =
                 "(use .png or .tif)"
             )
         dtype = np.uint8  # JPEG is 8-bit
-    array = render_image(model, scale, size, dtype)
+    array = render_image(model, scale, size, dtype, off_grid=off_grid)
     with atomic_write(path) as tmp:
         iio.imwrite(tmp, array, extension=path.suffix.lower())
     return path

@@ -45,23 +45,32 @@ class Model:
         """Levels of detail: ``0`` (finest) to ``lods - 1``."""
         return self.core.layout.n_scales
 
-    def _check_lod(self, lod: int) -> int:
-        if not 0 <= int(lod) < self.lods:
-            raise MinerError(f"lod must be in [0, {self.lods - 1}], got {lod}")
-        return int(lod)
+    def _check_lod(self, lod: float | None) -> float | None:
+        """``lod`` as an int where it is one (a level's own grid), else a float in range."""
+        if lod is None:
+            return None
+        lod = float(lod)
+        if not (np.isfinite(lod) and 0 <= lod <= self.lods - 1):
+            raise MinerError(f"lod must be in [0, {self.lods - 1}], got {lod:g}")
+        return int(lod) if lod.is_integer() else lod
 
-    def query(self, points: Any, lod: int = 0, grid_coords: bool = False) -> np.ndarray:
+    def query(
+        self, points: Any, lod: float = 0, grid_coords: bool = False, off_grid: bool = False
+    ) -> np.ndarray:
         """The model at points ``(P, d)`` in the input's coordinates (or full-resolution grid
         coordinates, voxel ``i``'s centre at ``i + 0.5``): ``(P, C)`` float32. Level of detail
-        ``lod`` sums the scales ``>= lod``."""
+        ``lod`` sums the scales ``>= lod``; a fractional one blends the two levels around it
+        (:mod:`miner3d.sampling`). ``off_grid`` evaluates the finest scale's MLPs at the
+        points instead of interpolating between their samples."""
         points = np.asarray(points, dtype=np.float64)
         if points.ndim != 2 or points.shape[1] != self.core.layout.ndim:
             raise MinerError(f"points must be (P, {self.core.layout.ndim}), got {points.shape}")
         grid = grid_coords or self.transform is None
-        values = self.core.query(points, grid_coords=grid, from_scale=self._check_lod(lod))
+        lod = self._check_lod(lod)
+        values = self.core.query(points, grid_coords=grid, from_scale=lod, off_grid=off_grid)
         return values.cpu().numpy()
 
-    def mesh(self, lod: int = 0, level: float | None = None, resolution: int | None = None):
+    def mesh(self, lod: float = 0, level: float | None = None, resolution: int | None = None):
         """The surface at ``level`` (``trimesh.Trimesh``, input coordinates): occupancy models
         (``level`` 0.5 by default), or a volume's isosurface (``level`` in its units, required);
         ``resolution`` samples the continuous model on another grid."""
@@ -79,20 +88,30 @@ class Model:
         vertices, faces = marching_cubes(self.core, lod, level, resolution=resolution)
         return trimesh.Trimesh(vertices, faces, process=False)
 
-    def image(self, lod: int = 0, size: tuple[int, int] | None = None) -> np.ndarray:
-        """The picture at level of detail ``lod``, ``(H, W, C)`` float32 in ``[0, 1]``, on
-        that level's own grid or rendered at ``size = (H, W)`` (image models)."""
+    def image(
+        self,
+        lod: float | None = None,
+        size: tuple[int, int] | None = None,
+        off_grid: bool = False,
+    ) -> np.ndarray:
+        """The picture, ``(H, W, C)`` float32 in ``[0, 1]``: level of detail ``lod`` on its
+        own grid, or rendered at ``size = (H, W)``; without ``lod``, the level whose sample
+        spacing matches ``size`` (anti-aliased when smaller, as a mipmap; the finest when
+        larger). ``off_grid``: evaluate the finest scale's MLPs between samples (image
+        models)."""
         from .extract import render_image
 
         if self.kind != "image":
             raise MinerError(f"image() is for image models; this one is an {self.kind} model")
-        out = render_image(self.core, self._check_lod(lod), size, np.float32)
+        lod = self._check_lod(lod)
+        out = render_image(self.core, lod, size, np.float32, off_grid=off_grid)
         return out[..., None] if out.ndim == 2 else out
 
-    def volume(self, lod: int = 0, resolution: int | None = None) -> np.ndarray:
+    def volume(self, lod: float | None = None, resolution: int | None = None) -> np.ndarray:
         """The dense volume at level of detail ``lod`` in the input's units, float32
         ``(X, Y, Z)`` (``(X, Y, Z, C)`` for several channels), at the input's shape or
-        ``resolution`` samples along its longest axis (volume models)."""
+        ``resolution`` samples along its longest axis; without ``lod``, the level whose
+        sample spacing matches (volume models)."""
         from .dense import render_volume
 
         if self.kind != "volume":

@@ -1,6 +1,7 @@
-"""NIfTI, VTK image data, MetaImage and NRRD files: the formats of medical and scientific
-imaging, read through nibabel (NIfTI) and VTK's readers (PyVista), each returning a
-:class:`~miner3d.volumes.Volume`-like ``(data (C, *S), transform, format)``. Headers are
+"""NIfTI, VTK image data, MetaImage, NRRD and TIFF-stack files: the formats of medical and
+scientific imaging, read through nibabel (NIfTI), VTK's readers (PyVista), tifffile and our
+own NRRD reader, each returning ``(data (C, *S), transform, format)`` for
+:class:`~miner3d.volumes.Volume`. Headers are
 parsed first, so that the declared size is checked against the memory budget, and a detached
 ``.raw`` file's presence and size, before any reader allocates.
 """
@@ -298,3 +299,69 @@ def read_vtk(path: Path, max_memory: int | None = None) -> tuple:
     except ValueError as exc:
         raise MinerError(f"{path}: {exc}") from None
     return np.moveaxis(array, -1, 0), transform, suffix(path)[1:]
+
+
+# -- TIFF stacks --------------------------------------------------------------------------
+
+
+def _tiff_spacing(tif, ndim: int) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
+    """Spacing and origin of a TIFF stack: our own JSON description, else ImageJ's
+    ``spacing`` (axis 0) with the X/Y resolution tags (axes 2 and 1)."""
+    meta = tif.shaped_metadata[0] if tif.shaped_metadata else None
+    if isinstance(meta, dict) and "spacing" in meta:
+        spacing = tuple(float(v) for v in meta["spacing"])
+        origin = tuple(float(v) for v in meta.get("origin", (0.0,) * ndim))
+        return spacing, origin
+    ij = tif.imagej_metadata or {}
+    if ndim != 3 or "spacing" not in ij:
+        return None, None
+    page = tif.pages[0]
+    steps = []
+    for tag in ("YResolution", "XResolution"):
+        value = page.tags.get(tag)
+        num, den = value.value if value is not None else (1, 1)
+        steps.append(den / num if num else 1.0)
+    return (float(ij["spacing"]), *steps), None
+
+
+def read_tiff_stack(path: Path, max_memory: int | None = None) -> tuple:
+    """A multi-page TIFF ``(pages, H, W)``, or ``(pages, H, W, C)`` with ``C <= 4`` samples,
+    memory-mapped when uncompressed and contiguous, decoded otherwise (its size checked
+    first)."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            shape, dtype, axes = tuple(series.shape), series.dtype, series.axes
+            spacing, origin = _tiff_spacing(tif, 3)
+        channels_last = axes.endswith("S") and len(shape) == 4
+        if len(shape) - channels_last != 3:
+            raise MinerError(f"{path} is not a 3D stack (axes {axes}, shape {shape})")
+        try:
+            array = tifffile.memmap(path, mode="r")
+        except Exception:  # compressed or tiled: decoded
+            preflight(f"decoding {path}", math.prod(shape) * dtype.itemsize, max_memory)
+            array = tifffile.imread(path)
+        array = array.reshape(shape)
+    except MinerError:
+        raise
+    except Exception as exc:  # any decoder failure is the file's fault
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise MinerError(f"could not read TIFF stack {path}: {reason}") from None
+    check_array(array, path)
+    data = np.moveaxis(array, -1, 0) if channels_last else array[None]
+    transform = None
+    if spacing is not None:
+        try:
+            transform = GridTransform.from_dict(
+                {
+                    "origin": origin or (0.0,) * 3,
+                    "voxel_size": max(spacing),
+                    "shape": data.shape[1:],
+                    "spacing": spacing,
+                }
+            )
+        except (ValueError, TypeError) as exc:
+            raise MinerError(f"{path}: its spacing or origin is not usable ({exc})") from None
+    return data, transform, "tiff"

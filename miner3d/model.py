@@ -35,7 +35,6 @@ import torch
 
 from .bank import BankShape, MLPBank
 from .blocks import BlockLayout, local_coordinates, scatter_blocks
-from .errors import MinerError
 from .grid import GridTransform
 from .metrics import MetricSums, block_sums
 from .pyramid import interpolate_at, interpolate_blocks
@@ -269,75 +268,19 @@ class MinerModel:
         crop = (slice(None), *(slice(0, n) for n in self.layout.valid_shape(scale)))
         return field[crop]
 
-    @torch.no_grad()
     def query(
         self,
         points: np.ndarray | torch.Tensor,
         grid_coords: bool = False,
-        from_scale: int = 0,
+        from_scale: float = 0,
         chunk: int = 1 << 16,
+        off_grid: bool = False,
     ) -> torch.Tensor:
-        """The model at arbitrary points.
+        """The model at arbitrary points, at a level of detail that may be fractional: see
+        :func:`miner3d.sampling.query`. Returns ``(P, C)`` float32."""
+        from .sampling import query
 
-        Args:
-            points: ``(P, d)`` in the input's own coordinates (through :attr:`transform`), or
-                continuous full-resolution grid coordinates if ``grid_coords`` (voxel ``i``'s
-                centre at ``i + 0.5``).
-            from_scale: level of detail: only scales ``>= from_scale`` are summed.
-            chunk: points per evaluation of the finest scale: its transient memory is the
-                blocks those points touch (all ``b^d`` samples of each).
-
-        Returns:
-            ``(P, C)`` float32. Points outside the grid take the border value.
-        """
-        if not grid_coords:
-            if self.transform is None:
-                raise MinerError("this model has no transform; pass grid coordinates")
-            points = self.transform.world_to_grid(np.asarray(points))
-        g = torch.as_tensor(np.asarray(points), dtype=torch.float64, device=self.device)
-        total = torch.zeros((self.channels, g.shape[0]), device=self.device)
-        for k in range(max(1, from_scale), self.layout.n_scales):
-            if self.scales[k] is not None:
-                positions = [(g[:, a] / 2**k - 0.5).float() for a in range(self.layout.ndim)]
-                total += interpolate_at(self.residual_field(k), positions)
-        if from_scale == 0 and self.scales[0] is not None:
-            # in chunks of points, so that one chunk's touched blocks are evaluated at a time
-            for start in range(0, g.shape[0], chunk):
-                total[:, start : start + chunk] += self._query_finest(g[start : start + chunk])
-        return total.T.contiguous()
-
-    def _query_finest(self, g: torch.Tensor) -> torch.Tensor:
-        """``L_0(R_0)`` at grid points ``g`` ``(P, d)``, evaluating only the touched blocks."""
-        import itertools
-
-        layout, b, d = self.layout, self.layout.block, self.layout.ndim
-        shape = layout.scale_shape(0)
-        lows, highs, weights = [], [], []
-        for a in range(d):
-            q = (g[:, a] - 0.5).clamp(0, shape[a] - 1)
-            lo = q.floor()
-            weights.append((q - lo).float())
-            lows.append(lo.long())
-            highs.append((lo.long() + 1).clamp(max=shape[a] - 1))
-        corners = list(itertools.product((0, 1), repeat=d))
-        voxel = torch.stack(  # (corners, P, d)
-            [torch.stack([highs[a] if c[a] else lows[a] for a in range(d)], 1) for c in corners]
-        )
-        block_ids = layout.ravel(0, torch.div(voxel.view(-1, d), b, rounding_mode="floor"))
-        local = voxel.view(-1, d) % b
-        local_flat = torch.zeros_like(block_ids)
-        for a in range(d):
-            local_flat = local_flat * b + local[:, a]
-        touched, inverse = torch.unique(block_ids, return_inverse=True)
-        values = self.block_outputs(0, touched).flatten(2)  # (n_touched, C, b^d)
-        samples = values[inverse, :, local_flat].view(len(corners), -1, self.channels)
-        total = torch.zeros((g.shape[0], self.channels), device=self.device)
-        for i, c in enumerate(corners):
-            w = torch.ones(g.shape[0], device=self.device)
-            for a in range(d):
-                w = w * (weights[a] if c[a] else 1 - weights[a])
-            total += samples[i] * w[:, None]
-        return total.T
+        return query(self, points, grid_coords, from_scale, chunk, off_grid)
 
     # -- files ---------------------------------------------------------------------------
     def _file_parts(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

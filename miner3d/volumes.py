@@ -32,7 +32,7 @@ import numpy as np
 
 from .errors import MinerError
 from .grid import GridTransform
-from .imaging import check_array, read_nifti, read_nrrd, read_vtk, suffix
+from .imaging import check_array, read_nifti, read_nrrd, read_tiff_stack, read_vtk, suffix
 from .io import atomic_write, check_input_file
 from .memory import preflight
 
@@ -106,62 +106,6 @@ def read_array(path: Path, max_memory: int | None = None) -> np.ndarray:
         raise MinerError(f"could not read {path}: {reason}") from None
     check_array(array, path)
     return array
-
-
-# -- TIFF stacks --------------------------------------------------------------------------
-
-
-def _tiff_spacing(tif, ndim: int) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
-    """Spacing and origin of a TIFF stack: our own JSON description, else ImageJ's
-    ``spacing`` (axis 0) with the X/Y resolution tags (axes 2 and 1)."""
-    meta = tif.shaped_metadata[0] if tif.shaped_metadata else None
-    if isinstance(meta, dict) and "spacing" in meta:
-        spacing = tuple(float(v) for v in meta["spacing"])
-        origin = tuple(float(v) for v in meta.get("origin", (0.0,) * ndim))
-        return spacing, origin
-    ij = tif.imagej_metadata or {}
-    if ndim != 3 or "spacing" not in ij:
-        return None, None
-    page = tif.pages[0]
-    steps = []
-    for tag in ("YResolution", "XResolution"):
-        value = page.tags.get(tag)
-        num, den = value.value if value is not None else (1, 1)
-        steps.append(den / num if num else 1.0)
-    return (float(ij["spacing"]), *steps), None
-
-
-def read_tiff_stack(path: Path, max_memory: int | None = None) -> Volume:
-    """A multi-page TIFF ``(pages, H, W)``, or ``(pages, H, W, C)`` with ``C <= 4`` samples,
-    memory-mapped when uncompressed and contiguous, decoded otherwise (its size checked
-    first)."""
-    import tifffile
-
-    try:
-        with tifffile.TiffFile(path) as tif:
-            series = tif.series[0]
-            shape, dtype, axes = tuple(series.shape), series.dtype, series.axes
-            spacing, origin = _tiff_spacing(tif, 3)
-        channels_last = axes.endswith("S") and len(shape) == 4
-        if len(shape) - channels_last != 3:
-            raise MinerError(f"{path} is not a 3D stack (axes {axes}, shape {shape})")
-        try:
-            array = tifffile.memmap(path, mode="r")
-        except Exception:  # compressed or tiled: decoded
-            preflight(f"decoding {path}", math.prod(shape) * dtype.itemsize, max_memory)
-            array = tifffile.imread(path)
-        array = array.reshape(shape)
-    except MinerError:
-        raise
-    except Exception as exc:  # any decoder failure is the file's fault
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise MinerError(f"could not read TIFF stack {path}: {reason}") from None
-    check_array(array, path)
-    data = np.moveaxis(array, -1, 0) if channels_last else array[None]
-    transform = None
-    if spacing is not None:
-        transform = _transform(data.shape[1:], spacing, origin or (0.0,) * 3)
-    return Volume(data, transform, "tiff")
 
 
 def _transform(
@@ -288,7 +232,7 @@ def _read_volume(path: Path, max_memory: int | None) -> Volume:
             data = array[None]
         return Volume(data, None, "numpy")
     if ext in TIFF_EXTENSIONS:
-        return read_tiff_stack(path, max_memory)
+        return Volume(*read_tiff_stack(path, max_memory))
     if ext == ".binvox":
         return read_binvox(path, max_memory)
     if ext in NIFTI_EXTENSIONS:
