@@ -246,11 +246,25 @@ def _build_parser() -> argparse.ArgumentParser:
         "view",
         parents=[common],
         help="pictures of a fitted model and its training history",
-        description="Every level of detail beside its blocks; --screenshot renders off-screen.",
+        description="Every level of detail beside its blocks; --screenshot renders off-screen, "
+        "--movie writes a GIF or MP4.",
     )
     view.add_argument("model", type=Path, help="model.safetensors")
     view.add_argument("--screenshot", type=Path, help="write a PNG instead of opening a window")
     view.add_argument("--plot", type=Path, help="also plot quality against time (metrics.csv)")
+    view.add_argument(
+        "--lod",
+        type=float,
+        action="append",
+        help="draw this level of detail only (fractional allowed; repeat for several)",
+    )
+    view.add_argument(
+        "--movie",
+        type=Path,
+        help="write the levels of detail as a movie (.gif; .mp4 with imageio-ffmpeg): a zoom "
+        "through an image's levels, a turntable of a 3D model's",
+    )
+    view.add_argument("--frames", type=_positive, default=24, help="frames of --movie (24)")
     view.add_argument("--force", action="store_true", help="overwrite existing pictures")
     view.set_defaults(func=commands.cmd_view)
     return parser

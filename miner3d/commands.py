@@ -136,24 +136,33 @@ def cmd_view(args: argparse.Namespace) -> int:
     from .model import MinerModel
     from .viz import plot_history, render_image_levels, render_levels, render_volume_levels
 
-    _refuse_existing(args.screenshot, args.force)
-    _refuse_existing(args.plot, args.force)
+    for path in (args.screenshot, args.plot, args.movie):
+        _refuse_existing(path, args.force)
     model = MinerModel.load(args.model)
-    if args.screenshot is None and not _has_display():
-        raise MinerError("no display to open a window on; pass --screenshot out.png")
+    top = model.layout.n_scales - 1
+    lods = args.lod
+    for lod in lods or []:
+        if not (math.isfinite(lod) and 0 <= lod <= top):
+            raise MinerError(f"--lod must be in [0, {top}], got {lod:g}")
     metrics = args.model.parent / "metrics.csv"
     if args.plot is not None and not metrics.exists():
         raise MinerError(f"no metrics.csv beside {args.model}")
-    if model.kind == "image":
-        if args.screenshot is None:
-            raise MinerError("image models are drawn to a file: pass --screenshot out.png")
-        render_image_levels(model, args.screenshot)
-    elif model.kind == "volume":
-        if args.screenshot is None:
-            raise MinerError("volume models are drawn to a file: pass --screenshot out.png")
-        render_volume_levels(model, args.screenshot)
-    else:
-        render_levels(model, args.screenshot)
+    if args.movie is not None:
+        from .movie import write_movie
+
+        write_movie(model, args.movie, args.frames)
+        print(f"written {args.movie} ({args.frames} frames)")
+    drawn = args.movie is not None or args.plot is not None
+    if args.screenshot is None and not drawn and not _has_display():
+        raise MinerError("no display to open a window on; pass --screenshot out.png")
+    if model.kind in ("image", "volume") and args.screenshot is None and not drawn:
+        raise MinerError(f"{model.kind} models are drawn to a file: pass --screenshot out.png")
+    if model.kind == "image" and args.screenshot is not None:
+        render_image_levels(model, args.screenshot, lods=lods)
+    elif model.kind == "volume" and args.screenshot is not None:
+        render_volume_levels(model, args.screenshot, lods=lods)
+    elif model.kind == "occupancy" and (args.screenshot is not None or not drawn):
+        render_levels(model, args.screenshot, lods=lods)
     if args.screenshot is not None:
         print(f"written {args.screenshot}")
     if args.plot is not None:

@@ -127,7 +127,7 @@ def render_volume(
     return out[..., 0] if channels == 1 else out
 
 
-def central_slices(model: MinerModel, scale: int = 0, size: int = 256) -> list[np.ndarray]:
+def central_slices(model: MinerModel, scale: float = 0, size: int = 256) -> list[np.ndarray]:
     """The three orthogonal slices through the centre of the volume at level of detail
     ``scale``, first channel, in the input's units: ``[(Y, Z), (X, Z), (X, Y)]``, each
     sampled at most ``size`` samples a side. Memory: the three slices."""

@@ -69,10 +69,12 @@ def render_levels(
     path: str | Path | None = None,
     window_size: tuple[int, int] | None = None,
     meshes: dict[int, tuple[np.ndarray, np.ndarray]] | None = None,
+    lods: list[float] | None = None,
 ) -> np.ndarray:
-    """Every level of detail of a 3D model (top row) over its blocks with an MLP drawn as
-    wireframe cubes (bottom row), coarsest on the left. Writes a PNG if ``path`` is given
-    (off-screen); with no path and a display, opens an interactive window.
+    """Every level of detail of a 3D model (or those of ``lods``, fractional allowed; top
+    row) over its blocks with an MLP drawn as wireframe cubes (bottom row), coarsest on the
+    left. Writes a PNG if ``path`` is given (off-screen); with no path and a display, opens an
+    interactive window.
 
     Returns:
         the rendered image, ``(H, W, 3)`` uint8.
@@ -81,11 +83,12 @@ def render_levels(
 
     from .extract import marching_cubes
 
-    n = model.layout.n_scales
+    levels = list(range(model.layout.n_scales - 1, -1, -1)) if lods is None else list(lods)
+    n = len(levels)
     window_size = window_size or (320 * n, 640)
     off_screen = path is not None
     plotter = pv.Plotter(shape=(2, n), off_screen=off_screen, window_size=window_size, border=False)
-    for col, j in enumerate(range(n - 1, -1, -1)):
+    for col, j in enumerate(levels):
         if meshes is not None and j in meshes:
             vertices, faces = meshes[j]
         else:
@@ -98,12 +101,12 @@ def render_levels(
             cells = np.hstack([np.full((len(faces), 1), 3), faces]).ravel()
             surface = pv.PolyData(vertices, cells)
         plotter.subplot(0, col)
-        plotter.add_text(f"scale {j}", font_size=10)
+        plotter.add_text(f"scale {j:g}", font_size=10)
         if surface is not None:
             plotter.add_mesh(surface, color="tan", smooth_shading=True)
         plotter.subplot(1, col)
-        plotter.add_text(f"{model.mlp_blocks(j)} blocks", font_size=10)
-        outlines = block_outlines(model, j)
+        plotter.add_text(f"{model.mlp_blocks(int(j))} blocks", font_size=10)
+        outlines = block_outlines(model, int(j))
         if outlines.n_points:
             plotter.add_mesh(outlines, color="steelblue", line_width=1)
         if surface is not None:
@@ -120,9 +123,12 @@ def render_levels(
     return plotter.last_image
 
 
-def render_image_levels(model: MinerModel, path: str | Path, max_side: int = 1024) -> np.ndarray:
-    """Each level of detail of a 2D model with its blocks with an MLP outlined (Fig. 4); a
-    level larger than ``max_side`` pixels is rendered at that size by querying the model."""
+def render_image_levels(
+    model: MinerModel, path: str | Path, max_side: int = 1024, lods: list[float] | None = None
+) -> np.ndarray:
+    """Each level of detail of a 2D model (or those of ``lods``, fractional allowed) with its
+    blocks with an MLP outlined (Fig. 4); a level larger than ``max_side`` pixels is rendered
+    at that size by querying the model."""
     import matplotlib
 
     from .extract import render_image
@@ -131,12 +137,15 @@ def render_image_levels(model: MinerModel, path: str | Path, max_side: int = 102
     import matplotlib.pyplot as plt
     from matplotlib.collections import LineCollection
 
-    n = model.layout.n_scales
+    levels = list(range(model.layout.n_scales - 1, -1, -1)) if lods is None else list(lods)
+    n = len(levels)
     fig, axes = plt.subplots(1, n, figsize=(4 * n, 4), squeeze=False)
-    for col, j in enumerate(range(n - 1, -1, -1)):
-        height, width = model.layout.valid_shape(j)
+    for col, j in enumerate(levels):
+        height, width = model.layout.valid_shape(int(j))
         shrink = max(1.0, max(height, width) / max_side)  # never a full-size copy of a huge image
         size = None if shrink == 1 else (round(height / shrink), round(width / shrink))
+        if size is None and not float(j).is_integer():
+            size = (height, width)
         image = render_image(model, j, size)
         image = image[..., :3] if image.ndim == 3 else image
         ax = axes[0, col]
@@ -147,10 +156,10 @@ def render_image_levels(model: MinerModel, path: str | Path, max_side: int = 102
             vmax=255,
             extent=(-0.5, width - 0.5, height - 0.5, -0.5),  # scale j's pixel coordinates
         )
-        bank = model.scales[j]
+        bank = model.scales[int(j)]
         if bank is not None and len(bank.block_ids):
             b = model.layout.block
-            rc = model.layout.unravel(j, bank.block_ids).cpu().numpy() * b - 0.5
+            rc = model.layout.unravel(int(j), bank.block_ids).cpu().numpy() * b - 0.5
             segments = []
             for r, c in rc:
                 segments += [
@@ -160,27 +169,38 @@ def render_image_levels(model: MinerModel, path: str | Path, max_side: int = 102
                     [(c, r + b), (c, r)],
                 ]
             ax.add_collection(LineCollection(segments, colors="yellow", linewidths=0.5))
-        ax.set_title(f"scale {j}: {model.mlp_blocks(j)} blocks")
+        ax.set_title(f"scale {j:g}: {model.mlp_blocks(int(j))} blocks")
         ax.axis("off")
     return _save_figure(fig, Path(path))
 
 
-def volume_rendering(model: MinerModel, scale: int, size: int = 320, side: int = 96) -> np.ndarray:
-    """An off-screen PyVista volume rendering (``(size, size, 3)`` uint8) of level of detail
-    ``scale``, sampled at ``side`` samples along its longest axis, in the input's coordinates,
-    grey with opacity rising over the input's value range."""
+def volume_grid(model: MinerModel, scale: float, side: int = 96):
+    """Level of detail ``scale`` of a volume model as a PyVista ``ImageData`` (point array
+    ``values``, input units and coordinates, ``side`` samples along the longest axis) and the
+    colour limits (the input's value range)."""
     from .dense import output_transform, render_volume
 
     pv = _pyvista()
-    volume = render_volume(model, scale, resolution=min(side, max(model.layout.shape)))
+    volume = render_volume(model, scale, resolution=max(8, min(side, max(model.layout.shape))))
     volume = volume[..., 0] if volume.ndim == 4 else volume
     transform = output_transform(model, volume.shape)
     grid = pv.ImageData(dimensions=volume.shape, spacing=tuple(transform.steps))
     grid.origin = tuple(transform.sample_affine()[:3, 3])
     grid.point_data["values"] = volume.ravel(order="F")
     lo, hi = model.meta.get("value_range", [float(volume.min()), float(volume.max())])
+    return grid, (lo, hi)
+
+
+def volume_rendering(
+    model: MinerModel, scale: float, size: int = 320, side: int = 96
+) -> np.ndarray:
+    """An off-screen PyVista volume rendering (``(size, size, 3)`` uint8) of level of detail
+    ``scale``, sampled at ``side`` samples along its longest axis, in the input's coordinates,
+    grey with opacity rising over the input's value range."""
+    pv = _pyvista()
+    grid, clim = volume_grid(model, scale, side)
     plotter = pv.Plotter(off_screen=True, window_size=(size, size))
-    plotter.add_volume(grid, scalars="values", cmap="gray", clim=(lo, hi), opacity="sigmoid")
+    plotter.add_volume(grid, scalars="values", cmap="gray", clim=clim, opacity="sigmoid")
     plotter.remove_scalar_bar()
     plotter.view_isometric()
     image = plotter.screenshot(return_img=True)
@@ -188,7 +208,9 @@ def volume_rendering(model: MinerModel, scale: int, size: int = 320, side: int =
     return np.asarray(image)[..., :3]
 
 
-def render_volume_levels(model: MinerModel, path: str | Path, size: int = 256) -> np.ndarray:
+def render_volume_levels(
+    model: MinerModel, path: str | Path, size: int = 256, lods: list[float] | None = None
+) -> np.ndarray:
     """Every level of detail of a volume model (rows: coarse to fine): the three orthogonal
     slices through its centre, in the input's units on one colour scale, and a volume
     rendering (PyVista, off-screen; left out, with a note in its place, where no OpenGL is
@@ -200,18 +222,19 @@ def render_volume_levels(model: MinerModel, path: str | Path, size: int = 256) -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    n = model.layout.n_scales
+    levels = list(range(model.layout.n_scales - 1, -1, -1)) if lods is None else list(lods)
+    n = len(levels)
     lo, hi = model.meta.get("value_range", [None, None])
     fig, axes = plt.subplots(n, 4, figsize=(13, 3.3 * n), squeeze=False)
-    for row, j in enumerate(range(n - 1, -1, -1)):
+    for row, j in enumerate(levels):
         for axis, plane in enumerate(central_slices(model, j, size)):
             ax = axes[row, axis]
             ax.imshow(plane.T, origin="lower", cmap="gray", vmin=lo, vmax=hi)
-            ax.set_title(f"lod {j}: slice normal to axis {axis}")
+            ax.set_title(f"lod {j:g}: slice normal to axis {axis}")
         ax = axes[row, 3]
         try:
             ax.imshow(volume_rendering(model, j))
-            ax.set_title(f"lod {j}: volume rendering")
+            ax.set_title(f"lod {j:g}: volume rendering")
         except Exception as exc:  # no OpenGL: the slices still say what there is to say
             ax.text(0.5, 0.5, f"no volume rendering:\n{type(exc).__name__}", ha="center")
         for ax in axes[row]:

@@ -90,3 +90,41 @@ def test_resolution_keeps_the_aspect_and_lod_overrides(tmp_path, cli):
     code, _, err = cli("extract", model, "-o", tmp_path / "d.png", "--lod", 9)
     assert code != 0 and "--lod" in err
     assert result.model.lods == 3
+
+
+def _frames(path):
+    import imageio.v3 as iio
+
+    frames = iio.imread(path)
+    return frames, len({f.tobytes() for f in frames})
+
+
+@pytest.mark.slow
+def test_view_movie_writes_distinct_frames(tmp_path, cli, meshes_dir, zone_model):
+    image, _ = zone_model
+    miner3d.fit(image, kind="image", output=tmp_path / "img", max_iters=50)
+    code, _, err = cli(
+        "view", tmp_path / "img" / "model.safetensors", "--movie", tmp_path / "z.gif", "--frames", 8
+    )
+    assert code == 0, err
+    frames, distinct = _frames(tmp_path / "z.gif")
+    assert len(frames) == 8 and distinct == 8
+    assert all(f[..., :3].std() > 5 for f in frames)  # none blank
+    miner3d.fit(meshes_dir / "teapot.obj", output=tmp_path / "tea", resolution=32, max_iters=50)
+    model = tmp_path / "tea" / "model.safetensors"
+    code, _, err = cli("view", model, "--movie", tmp_path / "t.gif", "--frames", 6)
+    assert code == 0, err
+    frames, distinct = _frames(tmp_path / "t.gif")
+    assert len(frames) == 6 and distinct == 6 and all(f[..., :3].std() > 5 for f in frames)
+    code, _, err = cli("view", model, "--screenshot", tmp_path / "s.png", "--lod", 0.5)
+    assert code == 0, err
+    code, _, err = cli("view", model, "--movie", tmp_path / "t.avi")
+    assert code != 0 and ".gif or .mp4" in err
+    try:
+        import imageio_ffmpeg  # noqa: F401
+    except ImportError:
+        code, _, err = cli("view", model, "--movie", tmp_path / "t.mp4", "--frames", 3)
+        assert code != 0 and "imageio-ffmpeg" in err
+    else:
+        code, _, err = cli("view", model, "--movie", tmp_path / "t.mp4", "--frames", 3)
+        assert code == 0, err
