@@ -155,14 +155,18 @@ def cmd_view(args: argparse.Namespace) -> int:
     drawn = args.movie is not None or args.plot is not None
     if args.screenshot is None and not drawn and not _has_display():
         raise MinerError("no display to open a window on; pass --screenshot out.png")
-    if model.kind in ("image", "volume") and args.screenshot is None and not drawn:
-        raise MinerError(f"{model.kind} models are drawn to a file: pass --screenshot out.png")
+    if model.kind == "image" and args.screenshot is None and not drawn:
+        raise MinerError("image models are drawn to a file: pass --screenshot out.png")
     if model.kind == "image" and args.screenshot is not None:
         render_image_levels(model, args.screenshot, lods=lods)
     elif model.kind == "volume" and args.screenshot is not None:
         render_volume_levels(model, args.screenshot, lods=lods)
-    elif model.kind == "occupancy" and (args.screenshot is not None or not drawn):
+    elif model.kind == "occupancy" and args.screenshot is not None:
         render_levels(model, args.screenshot, lods=lods)
+    elif not drawn:  # a window, with a slider over the level of detail
+        from .movie import lod_explorer
+
+        lod_explorer(model)[0].show()
     if args.screenshot is not None:
         print(f"written {args.screenshot}")
     if args.plot is not None:

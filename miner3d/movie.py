@@ -141,3 +141,37 @@ def write_movie(model: MinerModel, path: str | Path, n_frames: int = 24, fps: in
         else:
             iio.imwrite(tmp, np.stack(frames), extension=".mp4", fps=fps)
     return path
+
+
+def lod_explorer(model: MinerModel, off_screen: bool = False, resolution: int = 128):
+    """A PyVista window on a 3D model with a slider over its level of detail (fractional):
+    the surface at 0.5 of an occupancy model, a volume rendering of a volume model, redrawn
+    at every move (sampled at up to ``resolution`` voxels). Returns ``(plotter, update)``;
+    ``update(lod)`` is what the slider calls (and what a test can call off-screen)."""
+    from .extract import marching_cubes
+    from .viz import _pyvista, volume_grid
+
+    pv = _pyvista()
+    top = model.layout.n_scales - 1
+    plotter = pv.Plotter(off_screen=off_screen)
+    side = max(8, min(resolution, max(model.layout.shape)))
+
+    def update(lod: float) -> None:
+        lod = float(min(max(lod, 0.0), top))
+        plotter.remove_actor("lod", render=False)
+        if model.kind == "volume":
+            grid, clim = volume_grid(model, lod, side=min(side, 96))
+            plotter.add_volume(grid, scalars="values", cmap="gray", clim=clim, name="lod")
+        else:
+            try:
+                vertices, faces = marching_cubes(model, lod, 0.5, resolution=side)
+            except MinerError:  # no surface at this level
+                return
+            cells = np.hstack([np.full((len(faces), 1), 3), faces]).ravel()
+            surface = pv.PolyData(vertices, cells)
+            plotter.add_mesh(surface, color="tan", smooth_shading=True, name="lod")
+
+    update(0.0)
+    plotter.view_isometric()
+    plotter.add_slider_widget(update, [0, top], value=0, title="level of detail")
+    return plotter, update

@@ -48,15 +48,13 @@ def test_rgb_photo(cli, tmp_path):
     )
     assert code == 0, err
     assert skio.imread(tmp_path / "big.png").shape == (384, 512, 3)
+    code, _, err = cli("extract", out / "model.safetensors", "-o", tmp_path / "n.png", "-r", 128)
+    assert code == 0, err  # N: the longest side, the aspect kept
+    assert skio.imread(tmp_path / "n.png").shape == (128, 128, 3)
     code, _, err = cli(
-        "extract",
-        out / "model.safetensors",
-        "-o",
-        tmp_path / "bad.png",
-        "--resolution",
-        "512",
+        "extract", out / "model.safetensors", "-o", tmp_path / "bad.png", "-r", "512x"
     )
-    assert code != 0 and "WxH" in err
+    assert code != 0 and "N (the longest side) or WxH" in err
 
 
 def test_sixteen_bit_odd_size_round_trip(cli, tmp_path):

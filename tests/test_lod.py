@@ -128,3 +128,16 @@ def test_view_movie_writes_distinct_frames(tmp_path, cli, meshes_dir, zone_model
     else:
         code, _, err = cli("view", model, "--movie", tmp_path / "t.mp4", "--frames", 3)
         assert code == 0, err
+
+
+def test_lod_explorer_redraws_at_each_slider_value(meshes_dir):
+    from miner3d.movie import lod_explorer
+
+    model = miner3d.fit(meshes_dir / "teapot.obj", resolution=32, max_iters=50).model.core
+    plotter, update = lod_explorer(model, off_screen=True, resolution=32)
+    counts = []
+    for lod in (2.0, 1.25, 0.0):
+        update(lod)
+        counts.append(plotter.actors["lod"].GetMapper().GetInput().GetNumberOfPoints())
+    plotter.close()
+    assert len(set(counts)) == 3 and min(counts) > 0
