@@ -342,6 +342,7 @@ class OccupancyGrid:
         plus its packed copy."""
         import zipfile
 
+        from .io import npy_header
         from .memory import preflight
 
         header, transform = cls.read_header(path)
@@ -350,13 +351,7 @@ class OccupancyGrid:
         expected = -(-n // 8)
         try:
             with zipfile.ZipFile(path) as archive, archive.open("packed.npy") as member:
-                version = np.lib.format.read_magic(member)
-                read = (
-                    np.lib.format.read_array_header_1_0
-                    if version == (1, 0)
-                    else np.lib.format.read_array_header_2_0
-                )
-                declared, _, dtype = read(member)
+                declared, dtype = npy_header(member)
         except Exception as exc:  # a missing or broken member is the file's fault
             raise MinerError(f"could not read grid file {path}: {exc}") from None
         if declared != (expected,) or dtype != np.uint8:

@@ -84,6 +84,19 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def npy_header(fh) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of the ``.npy`` array whose header ``fh`` is at (an open file or zip
+    member), reading nothing else: for size checks before an array is loaded."""
+    version = np.lib.format.read_magic(fh)
+    read = (
+        np.lib.format.read_array_header_1_0
+        if version == (1, 0)
+        else np.lib.format.read_array_header_2_0
+    )
+    shape, _, dtype = read(fh)
+    return tuple(shape), dtype
+
+
 def load_mesh(path: str | Path):  # -> trimesh.Trimesh
     """Read a triangle mesh with trimesh, flattening scenes; raise :class:`MinerError` on bad input.
 

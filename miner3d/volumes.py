@@ -33,7 +33,7 @@ import numpy as np
 from .errors import MinerError
 from .grid import GridTransform
 from .imaging import check_array, read_nifti, read_nrrd, read_tiff_stack, read_vtk, suffix
-from .io import atomic_write, check_input_file
+from .io import atomic_write, check_input_file, npy_header
 from .memory import preflight
 
 ARRAY_EXTENSIONS = (".npy", ".npz")
@@ -64,17 +64,6 @@ class Volume:
         return tuple(self.data.shape[1:])
 
 
-def _npy_header(fh) -> tuple[tuple[int, ...], np.dtype]:
-    version = np.lib.format.read_magic(fh)
-    read = (
-        np.lib.format.read_array_header_1_0
-        if version == (1, 0)
-        else np.lib.format.read_array_header_2_0
-    )
-    shape, _, dtype = read(fh)
-    return tuple(shape), dtype
-
-
 def read_array(path: Path, max_memory: int | None = None) -> np.ndarray:
     """The one array of a ``.npy`` (memory-mapped) or ``.npz`` file (its declared size checked
     before it is decompressed). Object arrays are refused, never unpickled."""
@@ -89,7 +78,7 @@ def read_array(path: Path, max_memory: int | None = None) -> np.ndarray:
                 if len(names) != 1:
                     raise MinerError(f"{path} holds {len(names)} arrays; give a file with one")
                 with archive.open(names[0]) as member:
-                    shape, dtype = _npy_header(member)
+                    shape, dtype = npy_header(member)
             if dtype.hasobject:
                 raise MinerError(f"{path} holds an object array; not a numeric volume")
             preflight(f"reading {path}", math.prod(shape) * dtype.itemsize, max_memory)
@@ -253,14 +242,14 @@ def array_shape(path: str | Path) -> tuple[tuple[int, ...], np.dtype] | None:
     try:
         if suffix(path) == ".npy":
             with open(path, "rb") as fh:
-                return _npy_header(fh)
+                return npy_header(fh)
         if suffix(path) == ".npz":
             with zipfile.ZipFile(path) as archive:
                 names = [n for n in archive.namelist() if n.endswith(".npy")]
                 if len(names) != 1:
                     return None
                 with archive.open(names[0]) as member:
-                    return _npy_header(member)
+                    return npy_header(member)
         import tifffile
 
         with tifffile.TiffFile(path) as tif:
