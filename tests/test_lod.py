@@ -128,6 +128,10 @@ def test_view_movie_writes_distinct_frames(tmp_path, cli, meshes_dir, zone_model
     else:
         code, _, err = cli("view", model, "--movie", tmp_path / "t.mp4", "--frames", 3)
         assert code == 0, err
+        import imageio.v3 as iio
+
+        frames = iio.imread(tmp_path / "t.mp4", extension=".mp4")
+        assert len(frames) == 3 and len({f.tobytes() for f in frames}) == 3
 
 
 def test_lod_explorer_redraws_at_each_slider_value(meshes_dir):
