@@ -1,4 +1,5 @@
-"""Memory budgets: how much a stage needs, how much the machine has, refusing early.
+"""Memory budgets: how much a stage needs, how much the machine has, refusing early; and
+how many CPUs this process may use.
 
 At 1024^3 every byte per voxel is a GiB, so each stage that allocates states its peak in
 its docstring and calls :func:`preflight` with that figure before allocating.
@@ -6,6 +7,7 @@ its docstring and calls :func:`preflight` with that figure before allocating.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 
@@ -63,34 +65,83 @@ def cgroup_headroom(
     """Bytes this process's own cgroup (and every cgroup above it) still allows, the tightest
     of them: cgroup v2 ``memory.max - memory.current``, or v1 ``memory.limit_in_bytes -
     memory.usage_in_bytes``; ``None`` where no limit applies or none can be read."""
+    best = None
+    for folder, kind in _cgroup_places(proc_cgroup, root, "memory"):
+        names = ("memory.max", "memory.current")
+        if kind == "v1":
+            names = ("memory.limit_in_bytes", "memory.usage_in_bytes")
+        limit, usage = (_read_int(f"{folder}/{name}") for name in names)
+        if limit is not None and usage is not None and limit < 1 << 60:
+            room = max(0, limit - usage)
+            best = room if best is None else min(best, room)
+    return best
+
+
+def _cgroup_places(proc_cgroup: str, root: str, v1: str) -> list[tuple[str, str]]:
+    """``(folder, kind)`` of this process's own cgroup and each one above it, own first, in
+    the v2 unified hierarchy (``kind`` ``v2``) and in the v1 hierarchy of controller ``v1``."""
     try:
         with open(proc_cgroup) as fh:
             lines = fh.read().splitlines()
     except OSError:
-        return None
+        return []
     places = []
     for line in lines:
         parts = line.split(":", 2)
         if len(parts) != 3:
             continue
         _, controllers, path = parts
-        if controllers == "":  # v2, unified
-            places.append((root, path, "memory.max", "memory.current"))
-        elif "memory" in controllers.split(","):
-            places.append(
-                (f"{root}/memory", path, "memory.limit_in_bytes", "memory.usage_in_bytes")
-            )
+        if controllers == "":
+            base, kind = root, "v2"
+        elif v1 in controllers.split(","):
+            base, kind = f"{root}/{v1}", "v1"
+        else:
+            continue
+        names = [p for p in path.split("/") if p]
+        for depth in range(len(names), -1, -1):
+            places.append(("/".join([base, *names[:depth]]), kind))
+    return places
+
+
+def cgroup_cpu_quota(
+    proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup"
+) -> float | None:
+    """CPUs' worth of time this process's cgroup (and every one above it) allows, the
+    tightest: v2 ``cpu.max`` (``quota period``), v1 ``cpu.cfs_quota_us / cpu.cfs_period_us``;
+    ``None`` where no quota applies or none can be read (a container limited to 1.5 CPUs
+    still sees every host CPU in its affinity mask)."""
     best = None
-    for base, path, limit_name, usage_name in places:
-        parts = [p for p in path.split("/") if p]
-        for depth in range(len(parts), -1, -1):  # own cgroup first, then its parents
-            folder = "/".join([base, *parts[:depth]])
-            limit = _read_int(f"{folder}/{limit_name}")
-            usage = _read_int(f"{folder}/{usage_name}")
-            if limit is not None and usage is not None and limit < 1 << 60:
-                room = max(0, limit - usage)
-                best = room if best is None else min(best, room)
+    for folder, kind in _cgroup_places(proc_cgroup, root, "cpu"):
+        quota = None
+        if kind == "v2":
+            try:
+                with open(f"{folder}/cpu.max") as fh:
+                    fields = fh.read().split()
+            except OSError:
+                continue
+            if len(fields) == 2 and fields[0].isdigit() and fields[1].isdigit():
+                quota = int(fields[0]) / max(1, int(fields[1]))
+        else:
+            limit = _read_int(f"{folder}/cpu.cfs_quota_us")  # -1 (no quota) reads as None
+            period = _read_int(f"{folder}/cpu.cfs_period_us")
+            if limit is not None and period:
+                quota = limit / period
+        if quota is not None and quota > 0:
+            best = quota if best is None else min(best, quota)
     return best
+
+
+def usable_cpus() -> int:
+    """CPUs this process may use: its affinity mask (``taskset``, SLURM, a container's
+    cpuset), capped by its cgroup's CPU quota rounded up; at least 1."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cpus = os.cpu_count() or 1
+    quota = cgroup_cpu_quota()
+    if quota is not None:
+        cpus = min(cpus, max(1, math.ceil(quota)))
+    return max(1, cpus)
 
 
 def available_memory() -> int:

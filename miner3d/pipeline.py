@@ -149,7 +149,14 @@ def run(
 
     t_start = time.perf_counter()
     previous = 0.0 if ckpt is None else float(ckpt.state.get("elapsed", 0.0))
-    threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
+    threads = ""
+    if device.type == "cpu":
+        from .memory import usable_cpus
+
+        usable = usable_cpus()
+        if torch.get_num_threads() > usable:  # more would oversubscribe (6x slower, measured)
+            torch.set_num_threads(usable)
+        threads = f", {torch.get_num_threads()} threads of {usable} usable CPUs"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()
     if banner is not None:
         where = f" -> {run_dir}" if run_dir is not None else ""

@@ -1,0 +1,39 @@
+"""How many threads a CPU fit uses: the CPUs this process may use (affinity, cgroup quota)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from miner3d.memory import cgroup_cpu_quota
+
+
+def test_cgroup_cpu_quota_v2_and_v1(tmp_path):
+    proc = tmp_path / "cgroup"
+    root = tmp_path / "fs"
+    proc.write_text("0::/jobs/job1\n")
+    (root / "jobs" / "job1").mkdir(parents=True)
+    (root / "cpu.max").write_text("max 100000\n")
+    assert cgroup_cpu_quota(str(proc), str(root)) is None  # no quota anywhere
+    (root / "jobs" / "cpu.max").write_text("300000 100000\n")
+    (root / "jobs" / "job1" / "cpu.max").write_text("150000 100000\n")
+    assert cgroup_cpu_quota(str(proc), str(root)) == 1.5  # the tightest, own or above
+    proc.write_text("1:cpu,cpuacct:/a\n")
+    (root / "cpu" / "a").mkdir(parents=True)
+    (root / "cpu" / "a" / "cpu.cfs_quota_us").write_text("200000\n")
+    (root / "cpu" / "a" / "cpu.cfs_period_us").write_text("100000\n")
+    (root / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert cgroup_cpu_quota(str(proc), str(root)) == 2.0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("taskset") is None, reason="needs taskset")
+def test_a_fit_pinned_to_one_cpu_uses_one_thread(tmp_path, meshes_dir):
+    cmd = ["taskset", "-c", "0", sys.executable, "-m", "miner3d", "fit"]
+    cmd += [str(meshes_dir / "teapot.obj"), "-r", "32", "--iters", "20", "-o", str(tmp_path / "r")]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "1 threads of 1 usable CPUs" in done.stdout
