@@ -124,3 +124,10 @@ def test_bench_fit_harness_on_an_image(tmp_path):
     )
     lines = (tmp_path / "i.csv").read_text().splitlines()
     assert lines[0].startswith("method,lr,params,final_psnr") and len(lines) == 4
+
+
+def test_bench_bank_and_volume_scripts():
+    out = _run("scripts/bench_bank.py", "--blocks", "0.01", "--repeat", "1")
+    assert "GFLOP/s" in out and out.count("% |") == 3
+    out = _run("scripts/bench_volume.py", "--size", "24", "--lucy", "32")
+    assert out.count(" dB | ") == 4

@@ -1,0 +1,103 @@
+"""Benchmark: throughput of one training step of an MLP bank (forward, MSE loss, backward,
+Adam), next to this machine's measured FP32 matrix-multiply peak.
+
+Sizes are the presets' at realistic block counts: Lucy at 1024 on a CPU (the ``cpu`` preset's
+2 x 22 sine MLPs, 128 of a block's 8^3 samples, 21,501 live finest blocks), the ``lucy``
+preset (16^3 blocks, every sample) at 2,000 blocks, and the ``image`` preset (3 x 20, RGB,
+64 samples a block) at 4,096 blocks. FLOPs per point: ``2 * in * out`` per layer forward,
+counted 3x for forward plus backward; sines and Adam are not counted (so the percentage is
+an upper bound of what the matrix work achieves). The median of ``--repeat`` steps after two
+warm-up steps.
+
+    python scripts/bench_bank.py
+    python scripts/bench_bank.py --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+from miner3d.bank import BankAdam, BankShape, MLPBank
+
+CASES = {
+    "cpu preset, Lucy 1024 finest": (3, 22, 2, 1, 21_501, 128),
+    "lucy preset, 16^3 blocks": (3, 22, 2, 1, 2_000, 4096),
+    "image preset, RGB": (2, 20, 3, 3, 4_096, 64),
+}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(device: torch.device, n: int = 2048, repeat: int = 5) -> float:
+    """GFLOP/s of an ``n x n`` float32 matrix product (median of ``repeat``)."""
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    times = []
+    for _ in range(repeat + 1):
+        sync(device)
+        t0 = time.perf_counter()
+        (a @ b).sum().item()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times[1:]) / 1e9
+
+
+def step_time(case: tuple, device: torch.device, repeat: int) -> tuple[float, int]:
+    d, hidden, layers, out, blocks, points = case
+    shape = BankShape(d, hidden, layers, out, 30.0)
+    bank = MLPBank.create(shape, blocks, device, torch.Generator().manual_seed(0))
+    adam = BankAdam(bank, 1e-3)
+    coords = torch.rand(blocks, points, d, device=device) * 2 - 1
+    target = torch.rand(blocks, points, out, device=device)
+    times = []
+    for _ in range(repeat + 2):
+        sync(device)
+        t0 = time.perf_counter()
+        loss = torch.mean((bank.forward(coords) - target) ** 2)
+        loss.backward()
+        adam.step()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    flops = sum(2 * i * o for i, o in shape.layer_sizes)
+    return statistics.median(times[2:]), flops
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--blocks", type=float, default=1.0, help="scale the block counts")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()
+    peak = matmul_peak(device)
+    print(
+        f"# {name}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads, torch "
+        f"{torch.__version__}; FP32 matmul 2048^2: {peak:.1f} GFLOP/s"
+    )
+    print("| case | blocks x points | step | points/s | GFLOP/s (3x forward) | of matmul peak |")
+    print("|---|---|---|---|---|---|")
+    for label, case in CASES.items():
+        case = (*case[:4], max(1, round(case[4] * args.blocks)), case[5])
+        seconds, flops = step_time(case, device, args.repeat)
+        n = case[4] * case[5]
+        rate = n / seconds
+        gflops = 3 * flops * rate / 1e9
+        print(
+            f"| {label} | {case[4]:,} x {case[5]:,} | {seconds * 1e3:.0f} ms | "
+            f"{rate / 1e6:.2f} M | {gflops:.1f} | {100 * gflops / peak:.0f} % |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
