@@ -97,6 +97,14 @@ def describe_summary(summary: dict[str, Any]) -> list[str]:
         f"({size_versus(summary)}) | fit {summary['seconds_fit']:.1f} s, total "
         f"{summary['seconds_total']:.1f} s | peak RSS {format_size(summary['peak_rss_bytes'])}"
     )
+    stages = summary.get("stage_seconds")
+    if stages:
+        lines.append(
+            f"stopped: {summary.get('stop_reason', summary.get('stopped'))} | set-up "
+            f"{stages['setup']:.1f} s, fitting {stages['fitting']:.1f} s, measuring "
+            f"{stages['measuring']:.1f} s, reading {summary['seconds_load']:.1f} s, outputs "
+            f"{summary['seconds_outputs']:.1f} s"
+        )
     return lines
 
 

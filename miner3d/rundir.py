@@ -60,6 +60,12 @@ SUMMARY_KEYS: dict[str, str] = {
     "seconds": "the fit's wall time (over every session of a resumed run)",
     "finest_scale_fitted": "the finest scale fitted (0 unless a time limit stopped the fit)",
     "stopped": "done, time_limit or target",
+    "stop_reason": "why the fit ended: target, time_limit, or how its finest scale ended: "
+    "converged (every block pruned or frozen), plateau or max_iters",
+    "scale_stop_reasons": "{scale: converged, plateau, max_iters, target or time_limit}",
+    "stage_seconds": "{setup (each scale's targets and banks), fitting (iterations), measuring "
+    "(quality measurements: live during scale 0, full-grid at each scale's end)} of this "
+    "session; with seconds_load and seconds_outputs, where the time went",
     "params": "parameters of every MLP of the model",
     "scale_seconds": "{scale: seconds spent fitting it}",
     "scales": "{scale: quality at that level of detail}, e.g. {'iou': ..., 'iou_04': ...}",

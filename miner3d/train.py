@@ -188,6 +188,8 @@ class _Trainer:
         self.scale_metrics: dict[int, dict[str, float]] = {}
         self.scale_times: dict[int, float] = {}
         self.stopped: str | None = None  # "time_limit" or "target" once the fit must end
+        self.stage_seconds = {"setup": 0.0, "fitting": 0.0, "measuring": 0.0}
+        self.scale_stops: dict[int, str] = {}
 
     def _log(self, record: dict[str, Any]) -> None:
         record = {"time": round(time.perf_counter() - self.start, 4), **record}
@@ -240,7 +242,9 @@ class _Trainer:
                 break
             t0 = time.perf_counter()
             self._fit_scale(j, resume if j == first else None)
+            t1 = time.perf_counter()
             sums = self.model.measure(self.source, j, self.kind.binary, self.batch_blocks)
+            self.stage_seconds["measuring"] += time.perf_counter() - t1
             self.scale_metrics[j] = self.kind.metric_fields(sums, self.peak)
             self.scale_times[j] = self.scale_times.get(j, 0.0) + time.perf_counter() - t0
             self._log(
@@ -266,6 +270,9 @@ class _Trainer:
             "mlp_blocks": {str(j): self.model.mlp_blocks(j) for j in range(c.n_scales)},
             "blocks": {str(j): self.layout.n_blocks(j) for j in range(c.n_scales)},
         }
+        summary["stop_reason"] = self.stopped or self.scale_stops.get(finest, "done")
+        summary["scale_stop_reasons"] = {str(k): v for k, v in self.scale_stops.items()}
+        summary["stage_seconds"] = {k: round(v, 3) for k, v in self.stage_seconds.items()}
         summary.update(self.scale_metrics[finest])
         self.model.meta["summary"] = summary
         return FitResult(self.model, self.history, summary)
@@ -307,7 +314,12 @@ class _Trainer:
 
     def _fit_scale(self, j: int, resume: Checkpoint | None = None) -> None:
         c = self.config
+        t_setup = time.perf_counter()
         st = self._start_scale(j, resume)
+        t_fit = time.perf_counter()
+        self.stage_seconds["setup"] += t_fit - t_setup
+        measuring = 0.0
+        reason = "max_iters"
         n_live = len(st.ids)
         params_now = self.model.n_params + n_live * self.model.bank_shape.params_per_block
         n_samples = self.coords.shape[0]
@@ -318,6 +330,7 @@ class _Trainer:
         it = st.iteration
         for it in range(st.iteration + 1, c.max_iters + 1):
             if len(st.active) == 0:
+                reason = "converged"  # every block pruned or frozen
                 break
             pick = None
             if 0 < points < n_samples:
@@ -336,7 +349,9 @@ class _Trainer:
                 st.freeze(block_mse, c.freeze_mse, self.residuals)
             record = None
             if j == 0 and c.metric_every and it % c.metric_every == 0:
+                t_measure = time.perf_counter()
                 record = self.kind.metric_fields(st.live_metrics(self.residuals), self.peak)
+                measuring += time.perf_counter() - t_measure
             if record is not None or it % 50 == 0 or it == 1:
                 self._log(
                     {
@@ -360,17 +375,21 @@ class _Trainer:
                 if stop:
                     raise FitInterrupted(f"interrupted at scale {j}, iteration {it}")
             if c.time_limit and time.perf_counter() - self.start > c.time_limit:
-                self.stopped = "time_limit"
+                self.stopped = reason = "time_limit"
                 break
             if c.target and record is not None and record[self.kind.metric] >= c.target:
-                self.stopped = "target"
+                self.stopped = reason = "target"
                 break
             if c.plateau_tol > 0 and it % c.plateau_window == 0:
                 if (
                     st.window_loss is not None
                     and st.window_loss - loss < c.plateau_tol * st.window_loss
                 ):
+                    reason = "plateau"
                     break
                 st.window_loss = loss
         self.model.set_scale(j, st.ids, st.bank())
-        self._log({"event": "scale_fitted", "scale": j, "iterations": it})
+        self.scale_stops[j] = reason
+        self.stage_seconds["measuring"] += measuring
+        self.stage_seconds["fitting"] += time.perf_counter() - t_fit - measuring
+        self._log({"event": "scale_fitted", "scale": j, "iterations": it, "stop": reason})

@@ -96,3 +96,26 @@ def test_effective_config_follows_kind_and_overrides(meshes_dir):
     assert config.preset in ("cpu", "lucy") and config.fit.lr == 5e-3
     assert miner3d.effective_config("x.png").preset == "image"
     assert miner3d.effective_config("x.png", kind="occupancy", preset="cpu").preset == "cpu"
+
+
+def test_summary_says_why_the_fit_stopped_and_where_the_time_went():
+    solid = np.zeros((32, 32, 32), np.uint8)
+    solid[8:24, 6:26, 10:22] = 1
+    done = miner3d.fit(solid, kind="occupancy", max_iters=40).summary
+    stages = done["stage_seconds"]
+    assert set(stages) == {"setup", "fitting", "measuring"} and min(stages.values()) >= 0
+    assert abs(sum(stages.values()) - done["seconds_fit"]) <= 0.1 * done["seconds_fit"] + 0.05
+    assert set(done["scale_stop_reasons"]) == {"0", "1", "2"}
+    assert done["stop_reason"] in ("converged", "max_iters", "plateau")
+    assert set(done["scale_stop_reasons"].values()) <= {"converged", "max_iters", "plateau"}
+    capped = miner3d.fit(
+        solid,
+        kind="occupancy",
+        max_iters=400,
+        target=0.5,
+        metric_every=5,
+        freeze_mse=1e-12,
+        prune_mse=1e-12,
+    )
+    assert capped.summary["stop_reason"] == "target" == capped.summary["stopped"]
+    assert capped.summary["scale_stop_reasons"]["0"] == "target"
