@@ -122,3 +122,48 @@ def test_an_unreadable_lock_is_never_taken_over_silently(tmp_path):
     with RunLock(tmp_path, break_lock=True):
         pass
     assert not list(tmp_path.glob(".lock*"))
+
+
+TAKER = """
+import os, sys, time
+from pathlib import Path
+from miner3d import lock as L
+from miner3d.errors import MinerError
+from miner3d.lock import RunLock
+alive = L._alive  # slowed down: every taker judges the holder dead before any acts on it
+L._alive = lambda *a: (time.sleep(0.2), alive(*a))[1]
+run, go = Path(sys.argv[1]), Path(sys.argv[2])
+while not go.exists():
+    time.sleep(0.001)
+try:
+    lock = RunLock(run).acquire()
+except MinerError:
+    print("busy")
+else:
+    print("got")
+    time.sleep(1.0)
+    lock.release()
+"""
+
+
+@pytest.mark.slow
+def test_of_many_takers_of_one_stale_lock_exactly_one_wins(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    for trial in range(3):
+        run = tmp_path / f"run{trial}"
+        run.mkdir()
+        (run / ".lock").write_text(json.dumps({"host": host, "pid": dead.pid, "started": "x"}))
+        go = tmp_path / f"go{trial}"
+        takers = [
+            subprocess.Popen(
+                [sys.executable, "-c", TAKER, str(run), str(go)], stdout=subprocess.PIPE, text=True
+            )
+            for _ in range(6)
+        ]
+        time.sleep(1.5)  # every taker is waiting at the barrier
+        go.touch()
+        said = [p.communicate(timeout=60)[0].strip() for p in takers]
+        assert sorted(said) == ["busy"] * 5 + ["got"], said
+        assert not (run / ".lock").exists()
