@@ -132,7 +132,8 @@ from miner3d.errors import MinerError
 from miner3d.lock import RunLock
 alive = L._alive  # slowed down: every taker judges the holder dead before any acts on it
 L._alive = lambda *a: (time.sleep(0.2), alive(*a))[1]
-run, go = Path(sys.argv[1]), Path(sys.argv[2])
+run, go, ready = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+ready.touch()
 while not go.exists():
     time.sleep(0.001)
 try:
@@ -141,7 +142,7 @@ except MinerError:
     print("busy")
 else:
     print("got")
-    time.sleep(1.0)
+    time.sleep(3.0)  # held until every other taker has decided
     lock.release()
 """
 
@@ -156,13 +157,18 @@ def test_of_many_takers_of_one_stale_lock_exactly_one_wins(tmp_path):
         run.mkdir()
         (run / ".lock").write_text(json.dumps({"host": host, "pid": dead.pid, "started": "x"}))
         go = tmp_path / f"go{trial}"
+        ready = [tmp_path / f"ready{trial}.{i}" for i in range(6)]
         takers = [
             subprocess.Popen(
-                [sys.executable, "-c", TAKER, str(run), str(go)], stdout=subprocess.PIPE, text=True
+                [sys.executable, "-c", TAKER, str(run), str(go), str(flag)],
+                stdout=subprocess.PIPE,
+                text=True,
             )
-            for _ in range(6)
+            for flag in ready
         ]
-        time.sleep(1.5)  # every taker is waiting at the barrier
+        deadline = time.monotonic() + 120
+        while not all(flag.exists() for flag in ready) and time.monotonic() < deadline:
+            time.sleep(0.01)  # every taker is waiting at the barrier
         go.touch()
         said = [p.communicate(timeout=60)[0].strip() for p in takers]
         assert sorted(said) == ["busy"] * 5 + ["got"], said
