@@ -167,17 +167,16 @@ def add_votes(
 
 
 @numba.njit(cache=True, parallel=True)
-def decide_votes(votes, n_axes, strict=False):  # pragma: no cover - numba
+def decide_votes(votes, n_axes):  # pragma: no cover - numba
     """In place: 1 where every closed axis says inside, 0 where every one says outside; where
-    they disagree or none is closed (or, if ``strict``, any is open: the voxel is in a hole's
-    shadow), left to the winding number: 2 if at least half of the closed axes say inside,
-    else 3."""
+    they disagree or none is closed (left to the winding number), 2 if at least half of the
+    closed axes say inside, else 3."""
     for m in numba.prange(votes.shape[0]):
         v = votes[m]
         inside = v & 3
         invalid = (v >> 2) & 7
         valid = n_axes - ((invalid & 1) + ((invalid >> 1) & 1) + ((invalid >> 2) & 1))
-        if valid == 0 or (inside != 0 and inside != valid) or (strict and valid < n_axes):
+        if valid == 0 or (inside != 0 and inside != valid):
             votes[m] = 2 if 2 * inside >= valid else 3
         else:
             votes[m] = 1 if inside > 0 else 0

@@ -16,7 +16,7 @@ holes.
 Left out, by design: an open body's small far field at voxels its own ladder decided (there
 ``w_B`` is within a few hundredths of an integer). It moves only voxels where ``W`` is within
 that of 1/2. Measured on a generated 44-body, 130k-triangle asset with 18 large holes at 512:
-full-grid IoU 0.9990 against the whole mesh's fast winding number at every voxel any body
+full-grid IoU 0.9995 against the whole mesh's fast winding number at every voxel any body
 left undecided (``BENCHMARKS.md``).
 """
 
@@ -59,6 +59,8 @@ def _orientation(vertices: np.ndarray, faces: np.ndarray) -> int:
 
 
 REACH = 4
+"""An open body's far field is added within a quarter of its box's size (at least 4 voxels)
+around the box."""
 BORDERLINE = 0.1
 """Undecided voxels whose winding number is within this of 1/2 also take the far fields of
 the open bodies around them."""
@@ -73,7 +75,7 @@ def _far_fields(
 ) -> int:
     """In place: add to ``winding`` (at the undecided voxels ``where``, sorted flat indices)
     whose value is within :data:`BORDERLINE` of 1/2 the fractional far field ``w_B -
-    round(w_B)`` of every open body ``B`` within half its size that did not evaluate them
+    round(w_B)`` of every open body ``B`` within :data:`REACH` that did not evaluate them
     itself. Returns how many voxels were refined. Memory: 40 bytes per borderline voxel."""
     import igl
 
@@ -145,7 +147,7 @@ def voxelize_bodies(
         if is_open:
             opened.append((np.ascontiguousarray(f), lo, hi, own))
     occupancy = (total != 0).view(np.uint8)
-    n_undecided = 0
+    n_undecided = refined = 0
     if undecided:
         where, inverse = np.unique(np.concatenate(undecided), return_inverse=True)
         fraction = np.bincount(inverse.reshape(-1), weights=np.concatenate(weights))
@@ -159,6 +161,6 @@ def voxelize_bodies(
         "ambiguous_voxels": n_undecided,
         "winding_voxels": n_undecided,
         "winding": "fast, body by body",
-        "far_field_voxels": refined if undecided else 0,
+        "far_field_voxels": refined,
     }
     return occupancy, info

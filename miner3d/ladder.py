@@ -29,11 +29,11 @@ def solid_votes(
     planes: tuple[tuple[int, int, int], ...] = AXIS_PLANES,
     undecided: str = "winding",
     winding_budget: float = 2e9,
-    strict: bool = False,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Steps 1-3 of the robust ladder, along the columns of ``planes`` (``(c, a, b)``: column
     axis, then the two axes that index the columns). Voxels the closed axes do not decide
-    take the winding number (``undecided="winding"``) or stay empty (``"outside"``).
+    take the winding number (``undecided="winding"``, :func:`resolve_undecided`), stay empty
+    (``"outside"``), or are left as 2 or 3 for the caller (``"mark"``).
 
     Peak memory: the ``(nx, ny, nz)`` uint8 result (votes are decided in place) + per axis
     13 bytes per candidate crossing (at most the triangles' projected bounding boxes in
@@ -63,20 +63,38 @@ def solid_votes(
             offsets, depth, sign, flat, nb, nc, strides[a], strides[b], strides[c], 2 + c, nonzero
         )
         info["odd_columns"]["xyz"[c]] = _count_open_columns(offsets, sign, nonzero)
-    _raster.decide_votes(flat, len(planes), strict)
+    _raster.decide_votes(flat, len(planes))
     ambiguous = np.flatnonzero(flat >= 2)
     info["ambiguous_voxels"] = int(ambiguous.size)
     if undecided == "outside":
         flat[ambiguous] = 0
-    elif undecided == "mark":  # left as 2 (most closed axes say inside) or 3 for the caller
-        pass
-    elif ambiguous.size:
-        centres = np.stack(np.unravel_index(ambiguous, shape), axis=1) + 0.5
-        inside, how = winding_inside(centres, vertices, faces, winding_budget)
-        flat[ambiguous] = flat[ambiguous] == 2 if inside is None else inside
-        info["winding_voxels"] = 0 if inside is None else int(ambiguous.size)
-        info["winding"] = how
+    elif undecided == "winding":
+        resolve_undecided(votes, vertices, faces, info, winding_budget, ambiguous)
     return votes, info
+
+
+def resolve_undecided(
+    votes: np.ndarray,
+    vertices: np.ndarray,
+    faces: np.ndarray,
+    info: dict[str, Any],
+    budget: float = 2e9,
+    ambiguous: np.ndarray | None = None,
+) -> None:
+    """In place: the voxels :func:`solid_votes` left undecided (2 or 3; their flat indices
+    ``ambiguous``, found again if not given and ``info`` counts any) take the winding number
+    (:func:`winding_inside`), or the majority of their votes beyond its budget; ``info``
+    says which."""
+    if not info["ambiguous_voxels"]:
+        return
+    flat = votes.reshape(-1)
+    if ambiguous is None:
+        ambiguous = np.flatnonzero(flat >= 2)
+    centres = np.stack(np.unravel_index(ambiguous, votes.shape), axis=1) + 0.5
+    inside, how = winding_inside(centres, vertices, faces, budget)
+    flat[ambiguous] = flat[ambiguous] == 2 if inside is None else inside
+    info["winding_voxels"] = 0 if inside is None else int(ambiguous.size)
+    info["winding"] = how
 
 
 EXACT_PAIRS = 10_000_000

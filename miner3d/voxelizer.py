@@ -43,7 +43,7 @@ import numpy as np
 
 from .errors import MinerError
 from .grid import GridTransform, OccupancyGrid
-from .ladder import AXIS_PLANES, solid_votes, winding_inside
+from .ladder import AXIS_PLANES, resolve_undecided, solid_votes
 from .memory import format_size, preflight
 
 Voxelizer = Callable[[np.ndarray, np.ndarray, tuple[int, int, int]], tuple[np.ndarray, dict]]
@@ -85,19 +85,11 @@ def voxelize_robust(
         if result is not None:
             return result
     votes, info = solid_votes(vertices, faces, shape, nonzero=True, undecided="mark")
-    flat = votes.reshape(-1)
-    ambiguous = np.flatnonzero(flat >= 2)
-    info["ambiguous_voxels"] = int(ambiguous.size)
-    if ambiguous.size > BODY_BY_BODY:
+    if info["ambiguous_voxels"] > BODY_BY_BODY:
         result = _body_by_body(vertices, faces, shape, info)
         if result is not None:
             return result
-    if ambiguous.size:
-        centres = np.stack(np.unravel_index(ambiguous, shape), axis=1) + 0.5
-        inside, how = winding_inside(centres, vertices, faces, 2e9)
-        flat[ambiguous] = flat[ambiguous] == 2 if inside is None else inside
-        info["winding_voxels"] = 0 if inside is None else int(ambiguous.size)
-        info["winding"] = how
+    resolve_undecided(votes, vertices, faces, info)  # a closed mesh: nothing to do, no scan
     return votes, info
 
 
