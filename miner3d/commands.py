@@ -34,9 +34,9 @@ def _image_size(text: str, shape: tuple[int, int]) -> tuple[int, int]:
 def cmd_extract(args: argparse.Namespace) -> int:
     from .dense import fitted_level, save_volume
     from .extract import IMAGE_OUTPUTS, MESH_OUTPUTS, marching_cubes, save_image, save_mesh
+    from .io import format_suffix
     from .model import MinerModel
     from .volumes import VOLUME_OUTPUTS
-    from .volumes import suffix as volume_suffix
 
     _refuse_existing(args.output, args.force)
     model = MinerModel.load(args.model)
@@ -46,7 +46,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
         raise MinerError(f"--lod (--scale) must be in [0, {top}], got {lod:g}")
     if lod is not None and float(lod).is_integer():
         lod = int(lod)
-    suffix = volume_suffix(args.output)
+    suffix = format_suffix(args.output)
     wanted = {"occupancy": MESH_OUTPUTS, "image": IMAGE_OUTPUTS}.get(
         model.kind, VOLUME_OUTPUTS + MESH_OUTPUTS
     )

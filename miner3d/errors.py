@@ -8,6 +8,13 @@ anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, or its type's name if it has none: what a
+    one-line error quotes of a library's exception."""
+    text = str(exc)
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class MinerError(Exception):
     """An error caused by the input or the environment, explained in one line."""
 

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import MinerError
+from .errors import MinerError, first_line
 from .grid import GridTransform
+from .io import format_suffix
 from .memory import preflight
 
 MAX_CHANNELS = 4
@@ -24,10 +25,20 @@ SAMPLE_TYPES = ("bool", "uint8", "int8", "uint16", "int16", "uint32", "int32", "
 SAMPLE_TYPES += ("float64", "int64", "uint64", "float16")
 
 
-def suffix(path: str | Path) -> str:
-    """The extension that names a format, lower case (``.nii.gz`` counts as one)."""
-    name = Path(path).name.lower()
-    return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
+def spaced_transform(
+    shape: tuple[int, ...],
+    spacing: tuple[float, ...],
+    origin: tuple[float, ...],
+    path: str | Path,
+) -> GridTransform:
+    """The axis-aligned transform of a file that states per-axis spacing and an origin (the
+    corner of voxel 0); a one-line error naming ``path`` if they are not usable."""
+    try:
+        return GridTransform.from_dict(
+            {"origin": origin, "voxel_size": max(spacing), "shape": shape, "spacing": spacing}
+        )
+    except (ValueError, TypeError) as exc:
+        raise MinerError(f"{path}: its spacing or origin is not usable ({exc})") from None
 
 
 def check_array(array: np.ndarray, path: Path) -> None:
@@ -54,8 +65,7 @@ def read_nifti(path: Path, max_memory: int | None = None) -> tuple:
         dtype = np.dtype(image.get_data_dtype())
         affine = np.asarray(image.affine)
     except Exception as exc:  # any parse failure is the file's fault
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise MinerError(f"could not read NIfTI file {path}: {reason}") from None
+        raise MinerError(f"could not read NIfTI file {path}: {first_line(exc)}") from None
     spatial = shape[:3]
     extra = [n for n in shape[3:] if n != 1]
     if len(spatial) < 3:
@@ -75,8 +85,7 @@ def read_nifti(path: Path, max_memory: int | None = None) -> tuple:
     try:
         array = np.asarray(proxy) if scaled else proxy.get_unscaled()
     except Exception as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise MinerError(f"could not read NIfTI file {path}: {reason}") from None
+        raise MinerError(f"could not read NIfTI file {path}: {first_line(exc)}") from None
     array = array.reshape(*spatial, channels)
     if scaled and array.dtype == np.float64:
         array = array.astype(np.float32)
@@ -88,7 +97,7 @@ def read_nifti(path: Path, max_memory: int | None = None) -> tuple:
     return np.moveaxis(array, -1, 0), transform, "nifti"
 
 
-# -- VTK image data, MetaImage, NRRD ------------------------------------------------------
+# -- NRRD (our reader), VTK image data and MetaImage (VTK's) ------------------------------
 
 _MET_TYPES = {
     "MET_UCHAR": 1, "MET_CHAR": 1, "MET_USHORT": 2, "MET_SHORT": 2, "MET_UINT": 4,
@@ -204,26 +213,27 @@ def read_nrrd(path: Path, max_memory: int | None = None) -> tuple:
     return array, transform, "nrrd"
 
 
-def _text_header(path: Path, end: bytes | None, limit: int = 1 << 16) -> list[str]:
+def _text_header(path: Path, end: bytes, limit: int = 1 << 16) -> list[str]:
     with open(path, "rb") as fh:
         raw = fh.read(limit)
-    if end is not None and end in raw:
+    if end in raw:
         raw = raw[: raw.index(end)]
     return raw.decode("latin-1").splitlines()
 
 
 def _declared_bytes(path: Path) -> int | None:
-    """Bytes of samples a MetaImage, NRRD or VTI header declares (``None``: it does not say),
-    after checking that a detached ``.raw`` exists and is large enough."""
-    ext = suffix(path)
+    """Bytes of samples a MetaImage or VTI header declares (``None``: it does not say), after
+    checking that a MetaImage's detached ``.raw`` exists and is large enough."""
+    ext = format_suffix(path)
     if ext in (".mha", ".mhd"):
+        with open(path, "rb") as fh:
+            head = fh.read(1 << 16)
+        match = re.search(rb"ElementDataFile\s*=\s*([^\r\n]*)", head)
         fields = {}
-        for line in _text_header(path, b"ElementDataFile"):
+        for line in head[: match.start() if match else None].decode("latin-1").splitlines():
             key, sep, value = line.partition("=")
             if sep:
                 fields[key.strip()] = value.strip()
-        with open(path, "rb") as fh:
-            match = re.search(rb"ElementDataFile\s*=\s*([^\r\n]*)", fh.read(1 << 16))
         try:
             dims = [int(v) for v in fields["DimSize"].split()]
             itemsize = _MET_TYPES[fields["ElementType"].upper()]
@@ -262,7 +272,7 @@ def _declared_bytes(path: Path) -> int | None:
 
 
 def read_vtk(path: Path, max_memory: int | None = None) -> tuple:
-    """A ``.vti``, ``.mha``, ``.mhd`` or ``.nrrd`` file through VTK's readers (PyVista): its
+    """A ``.vti``, ``.mha`` or ``.mhd`` file through VTK's readers (PyVista): its
     one point array (up to 4 components) as ``(C, X, Y, Z)`` (VTK's x-fastest order seen as a
     view), with its spacing, origin and direction matrix. The header's size is checked (and a
     detached ``.raw`` file's presence and size) before VTK reads."""
@@ -277,8 +287,7 @@ def read_vtk(path: Path, max_memory: int | None = None) -> tuple:
     try:
         data = pyvista.read(os.fspath(path))
     except Exception as exc:  # VTK readers raise many types
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise MinerError(f"could not read {path}: {reason}") from None
+        raise MinerError(f"could not read {path}: {first_line(exc)}") from None
     dims = tuple(int(n) for n in getattr(data, "dimensions", ()))
     names = list(getattr(data, "point_data", {}).keys())
     if len(dims) != 3 or not names or data.n_points != math.prod(dims) or data.n_points == 0:
@@ -298,7 +307,7 @@ def read_vtk(path: Path, max_memory: int | None = None) -> tuple:
         transform = GridTransform.from_affine(affine, shape)
     except ValueError as exc:
         raise MinerError(f"{path}: {exc}") from None
-    return np.moveaxis(array, -1, 0), transform, suffix(path)[1:]
+    return np.moveaxis(array, -1, 0), transform, format_suffix(path)[1:]
 
 
 # -- TIFF stacks --------------------------------------------------------------------------
@@ -347,21 +356,10 @@ def read_tiff_stack(path: Path, max_memory: int | None = None) -> tuple:
     except MinerError:
         raise
     except Exception as exc:  # any decoder failure is the file's fault
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise MinerError(f"could not read TIFF stack {path}: {reason}") from None
+        raise MinerError(f"could not read TIFF stack {path}: {first_line(exc)}") from None
     check_array(array, path)
     data = np.moveaxis(array, -1, 0) if channels_last else array[None]
     transform = None
     if spacing is not None:
-        try:
-            transform = GridTransform.from_dict(
-                {
-                    "origin": origin or (0.0,) * 3,
-                    "voxel_size": max(spacing),
-                    "shape": data.shape[1:],
-                    "spacing": spacing,
-                }
-            )
-        except (ValueError, TypeError) as exc:
-            raise MinerError(f"{path}: its spacing or origin is not usable ({exc})") from None
+        transform = spaced_transform(data.shape[1:], spacing, origin or (0.0,) * 3, path)
     return data, transform, "tiff"

@@ -19,24 +19,33 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import MinerError
+from .errors import MinerError, first_line
 
 MESH_EXTENSIONS = (".ply", ".obj", ".stl", ".off", ".glb", ".gltf")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+
+
+def format_suffix(path: str | Path) -> str:
+    """The extension that names a file's format, lower case (``.nii.gz`` counts as one)."""
+    name = Path(path).name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
 
 
 @contextlib.contextmanager
 def atomic_write(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` if the block succeeds.
 
-    The temporary file is removed if the block raises. Raises :class:`MinerError` if the
-    destination folder cannot be written.
+    The temporary name ends in ``.tmp`` and the destination's format suffix
+    (``.x.nii.gz.k3j9.tmp.nii.gz``), so writers that choose a format by the name (nibabel,
+    VTK, ffmpeg) write the right one. The temporary file is removed if the block raises.
+    Raises :class:`MinerError` if the destination folder cannot be written.
     """
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+        tail = ".tmp" + format_suffix(path)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=tail, dir=folder)
     except OSError as exc:
         raise MinerError(f"cannot write to {folder}: {exc.strerror or exc}") from None
     os.close(fd)
@@ -115,8 +124,7 @@ def load_mesh(path: str | Path):  # -> trimesh.Trimesh
         if isinstance(loaded, trimesh.Scene):
             loaded = loaded.to_mesh()
     except Exception as exc:  # trimesh raises many types
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise MinerError(f"could not read mesh {path}: {reason}") from None
+        raise MinerError(f"could not read mesh {path}: {first_line(exc)}") from None
     if isinstance(loaded, list | tuple) or not hasattr(loaded, "faces"):
         raise MinerError(f"could not read a triangle mesh from {path}")
     faces = np.asarray(loaded.faces)
@@ -254,8 +262,7 @@ def read_image(path: str | Path, max_memory: int | None = None) -> tuple[np.ndar
         except MinerError:
             raise
         except Exception as exc:  # any decoder failure is the file's fault
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise MinerError(f"could not read image {path}: {reason}") from None
+            raise MinerError(f"could not read image {path}: {first_line(exc)}") from None
         finally:
             Image.MAX_IMAGE_PIXELS = bomb_guard
         if image.ndim == 2:

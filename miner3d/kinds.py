@@ -34,9 +34,9 @@ from typing import Any
 import numpy as np
 
 from .errors import MinerError
-from .io import IMAGE_EXTENSIONS, MESH_EXTENSIONS, read_image
+from .io import IMAGE_EXTENSIONS, MESH_EXTENSIONS, format_suffix, read_image
 from .metrics import MetricSums
-from .volumes import ARRAY_EXTENSIONS, TIFF_EXTENSIONS, VOLUME_EXTENSIONS, array_shape, suffix
+from .volumes import ARRAY_EXTENSIONS, TIFF_EXTENSIONS, VOLUME_EXTENSIONS, array_shape
 
 GRID_EXTENSIONS = (".npz",)
 
@@ -130,7 +130,7 @@ def kind_of_path(path: Path) -> Kind:
     """The kind of an input file, by extension and, for arrays and TIFFs, by the shape its
     header declares (see the module doc). A volume of bytes is told from occupancy when it is
     read (:func:`read_signal`)."""
-    ext = suffix(path)
+    ext = format_suffix(path)
     if ext in MESH_EXTENSIONS or ext == ".binvox":
         return OCCUPANCY
     if ext == ".npz" and is_grid_file(path):
@@ -292,7 +292,7 @@ def read_signal(
     from .volumes import read_volume
     from .voxelizer import voxelize_file
 
-    ext = suffix(path)
+    ext = format_suffix(path)
     grid_file = ext in GRID_EXTENSIONS and is_grid_file(path)
     if kind.name == "image" and ext in IMAGE_EXTENSIONS and ext not in ARRAY_EXTENSIONS:
         image, mapped = read_image(path, max_memory)

@@ -13,7 +13,6 @@ imageio-ffmpeg).
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -139,13 +138,8 @@ def write_movie(model: MinerModel, path: str | Path, n_frames: int = 24, fps: in
     with atomic_write(path) as tmp:
         if ext == ".gif":
             iio.imwrite(tmp, np.stack(frames), extension=".gif", duration=1000 / fps, loop=0)
-        else:  # ffmpeg picks its muxer by the file's name
-            named = tmp.with_name(tmp.name + ".mp4")
-            try:
-                iio.imwrite(named, np.stack(frames), extension=".mp4", fps=fps)
-                os.replace(named, tmp)
-            finally:
-                named.unlink(missing_ok=True)
+        else:  # ffmpeg picks its muxer by the name, which atomic_write ends in .mp4
+            iio.imwrite(tmp, np.stack(frames), extension=".mp4", fps=fps)
     return path
 
 

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from .errors import MinerError
+from .errors import MinerError, first_line
 from .io import atomic_write
 from .lock import LOCK, RunLock
 
@@ -207,8 +207,8 @@ def remove_checkpoints(run_dir: Path) -> None:
 
 
 def remove_temporaries(run_dir: Path) -> None:
-    """Remove the ``.<name>.*.tmp`` files of atomic writes that a kill interrupted."""
-    for tmp in run_dir.glob(".*.tmp"):
+    """Remove the ``.<name>.*.tmp[<suffix>]`` files of atomic writes that a kill interrupted."""
+    for tmp in [*run_dir.glob(".*.tmp"), *run_dir.glob(".*.tmp.*")]:
         tmp.unlink(missing_ok=True)
 
 
@@ -281,8 +281,7 @@ def read_run(run_dir: Path) -> dict[str, Any]:
     try:
         info = json.loads(run_file.read_text())
     except (OSError, ValueError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise MinerError(f"could not read {run_file}: {reason}") from None
+        raise MinerError(f"could not read {run_file}: {first_line(exc)}") from None
     if not isinstance(info, dict) or not all(
         isinstance(info.get(key), str) for key in ("source", "sha256")
     ):

@@ -179,14 +179,12 @@ def volume_grid(model: MinerModel, scale: float, side: int = 96):
     ``values``, input units and coordinates, ``side`` samples along the longest axis) and the
     colour limits (the input's value range)."""
     from .dense import output_transform, render_volume
+    from .volumes import image_data
 
-    pv = _pyvista()
+    _pyvista()  # VTK's off-screen window first
     volume = render_volume(model, scale, resolution=max(8, min(side, max(model.layout.shape))))
     volume = volume[..., 0] if volume.ndim == 4 else volume
-    transform = output_transform(model, volume.shape)
-    grid = pv.ImageData(dimensions=volume.shape, spacing=tuple(transform.steps))
-    grid.origin = tuple(transform.sample_affine()[:3, 3])
-    grid.point_data["values"] = volume.ravel(order="F")
+    grid = image_data(volume, output_transform(model, volume.shape))
     lo, hi = model.meta.get("value_range", [float(volume.min()), float(volume.max())])
     return grid, (lo, hi)
 

@@ -30,10 +30,17 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import MinerError
+from .errors import MinerError, first_line
 from .grid import GridTransform
-from .imaging import check_array, read_nifti, read_nrrd, read_tiff_stack, read_vtk, suffix
-from .io import atomic_write, check_input_file, npy_header
+from .imaging import (
+    check_array,
+    read_nifti,
+    read_nrrd,
+    read_tiff_stack,
+    read_vtk,
+    spaced_transform,
+)
+from .io import atomic_write, check_input_file, format_suffix, npy_header
 from .memory import preflight
 
 ARRAY_EXTENSIONS = (".npy", ".npz")
@@ -70,7 +77,7 @@ def read_array(path: Path, max_memory: int | None = None) -> np.ndarray:
     import zipfile
 
     try:
-        if suffix(path) == ".npy":
+        if format_suffix(path) == ".npy":
             array = np.load(path, mmap_mode="r", allow_pickle=False)
         else:
             with zipfile.ZipFile(path) as archive:
@@ -91,21 +98,9 @@ def read_array(path: Path, max_memory: int | None = None) -> np.ndarray:
             raise MinerError(f"{path} holds an object array; not a numeric volume") from None
         raise MinerError(f"could not read {path}: {exc}") from None
     except Exception as exc:  # any parse failure is the file's fault
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise MinerError(f"could not read {path}: {reason}") from None
+        raise MinerError(f"could not read {path}: {first_line(exc)}") from None
     check_array(array, path)
     return array
-
-
-def _transform(
-    shape: tuple[int, ...], spacing: tuple[float, ...], origin: tuple[float, ...]
-) -> GridTransform:
-    try:
-        return GridTransform.from_dict(
-            {"origin": origin, "voxel_size": max(spacing), "shape": shape, "spacing": spacing}
-        )
-    except (ValueError, TypeError) as exc:
-        raise MinerError(f"the file's spacing or origin is not usable ({exc})") from None
 
 
 # -- binvox -------------------------------------------------------------------------------
@@ -151,7 +146,7 @@ def read_binvox(path: Path, max_memory: int | None = None) -> Volume:
     # binvox: index = x * (dz * dy) + z * dy + y
     grid = np.ascontiguousarray(flat.reshape(dims[0], dims[2], dims[1]).transpose(0, 2, 1))
     voxel = scale / max(dims)
-    transform = _transform(grid.shape, (voxel,) * 3, translate)
+    transform = spaced_transform(grid.shape, (voxel,) * 3, translate, path)
     return Volume(grid[None], transform, "binvox")
 
 
@@ -212,7 +207,7 @@ def _read_volume(path: Path, max_memory: int | None) -> Volume:
     """A volume file of any :data:`VOLUME_EXTENSIONS` (see the module doc). Arrays with no
     coordinates get ``transform=None``. Raises :class:`MinerError` in one line for anything
     unreadable, empty, of a non-numeric dtype, or larger than ``max_memory`` once decoded."""
-    ext = suffix(path)
+    ext = format_suffix(path)
     if ext in ARRAY_EXTENSIONS:
         array = read_array(path, max_memory)
         if array.ndim == 3 and array.shape[-1] in (3, 4):
@@ -240,10 +235,10 @@ def array_shape(path: str | Path) -> tuple[tuple[int, ...], np.dtype] | None:
 
     path = Path(path)
     try:
-        if suffix(path) == ".npy":
+        if format_suffix(path) == ".npy":
             with open(path, "rb") as fh:
                 return npy_header(fh)
-        if suffix(path) == ".npz":
+        if format_suffix(path) == ".npz":
             with zipfile.ZipFile(path) as archive:
                 names = [n for n in archive.namelist() if n.endswith(".npy")]
                 if len(names) != 1:
@@ -262,6 +257,23 @@ def array_shape(path: str | Path) -> tuple[tuple[int, ...], np.dtype] | None:
         return None
 
 
+def image_data(data: np.ndarray, transform: GridTransform):
+    """``data`` ``(X, Y, Z)`` or ``(X, Y, Z, C)`` as a PyVista ``ImageData`` (point array
+    ``values``, VTK's x-fastest order) placed by ``transform``: spacing, the first sample's
+    centre as VTK's origin, and the direction matrix."""
+    import pyvista
+
+    shape = data.shape[:3]
+    grid = pyvista.ImageData(dimensions=shape, spacing=tuple(transform.steps))
+    grid.origin = tuple(transform.sample_affine()[:3, 3])
+    grid.direction_matrix = transform.matrix
+    channels = 1 if data.ndim == 3 else data.shape[3]
+    grid.point_data["values"] = (
+        data.reshape(-1, channels, order="F") if channels > 1 else data.ravel("F")
+    )
+    return grid
+
+
 def write_volume(
     path: str | Path, data: np.ndarray, transform: GridTransform | None, meta: dict | None = None
 ) -> Path:
@@ -270,16 +282,17 @@ def write_volume(
     where the format holds them (``.npy`` holds none; ``.tif`` keeps them in its JSON
     description). Memory: the format's encoded copy at most."""
     path = Path(path)
-    ext = suffix(path)
+    ext = format_suffix(path)
     if ext not in VOLUME_OUTPUTS:
         choose = ", ".join(VOLUME_OUTPUTS)
         raise MinerError(f"unsupported volume output '{ext or path.name}' (choose from {choose})")
     data = np.asarray(data)
-    shape = data.shape[:3]
     channels = 1 if data.ndim == 3 else data.shape[3]
     if transform is None:
-        transform = GridTransform((0.0,) * 3, 1.0, shape)
-    with atomic_write(path) as tmp:
+        transform = GridTransform((0.0,) * 3, 1.0, data.shape[:3])
+    if ext == ".mha" and not transform.axis_aligned:  # VTK's MetaImage writer keeps none
+        raise MinerError(".mha keeps no direction here: write .nii.gz or .vti")
+    with atomic_write(path) as tmp:  # its name ends in ext: the writers pick the format by it
         if ext == ".npy":
             with open(tmp, "wb") as fh:
                 np.save(fh, data, allow_pickle=False)
@@ -288,37 +301,17 @@ def write_volume(
 
             image = nibabel.Nifti1Image(data, transform.sample_affine())
             image.header.set_xyzt_units("mm")
-            real = tmp.with_name(tmp.name + ext)  # nibabel picks gzip by the name
-            try:
-                nibabel.save(image, os.fspath(real))
-                os.replace(real, tmp)
-            finally:
-                real.unlink(missing_ok=True)
-        elif ext in (".vti", ".mha"):
-            import pyvista
+            nibabel.save(image, os.fspath(tmp))
+        elif ext == ".vti":
+            image_data(data, transform).save(os.fspath(tmp))
+        elif ext == ".mha":  # PyVista has no MetaImage writer
+            from vtkmodules.vtkIOImage import vtkMetaImageWriter
 
-            grid = pyvista.ImageData(dimensions=shape, spacing=tuple(transform.steps))
-            grid.origin = tuple(transform.sample_affine()[:3, 3])
-            grid.direction_matrix = transform.matrix
-            flat = data.reshape(-1, channels, order="F") if channels > 1 else data.ravel("F")
-            grid.point_data["values"] = flat
-            real = tmp.with_name(tmp.name + ext)  # VTK picks its format by the name
-            try:
-                if ext == ".vti":
-                    grid.save(os.fspath(real))
-                else:  # PyVista has no MetaImage writer; VTK's keeps no direction
-                    if not transform.axis_aligned:
-                        raise MinerError(".mha keeps no direction here: write .nii.gz or .vti")
-                    from vtkmodules.vtkIOImage import vtkMetaImageWriter
-
-                    writer = vtkMetaImageWriter()
-                    writer.SetInputData(grid)
-                    writer.SetFileName(os.fspath(real))
-                    writer.SetCompression(False)
-                    writer.Write()
-                os.replace(real, tmp)
-            finally:
-                real.unlink(missing_ok=True)
+            writer = vtkMetaImageWriter()
+            writer.SetInputData(image_data(data, transform))
+            writer.SetFileName(os.fspath(tmp))
+            writer.SetCompression(False)
+            writer.Write()
         else:
             import tifffile
 
