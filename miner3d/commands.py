@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -40,12 +39,10 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
     _refuse_existing(args.output, args.force)
     model = MinerModel.load(args.model)
+    from .sampling import check_lod
+
     top = model.layout.n_scales - 1
-    lod = args.lod
-    if lod is not None and not (math.isfinite(lod) and 0 <= lod <= top):
-        raise MinerError(f"--lod (--scale) must be in [0, {top}], got {lod:g}")
-    if lod is not None and float(lod).is_integer():
-        lod = int(lod)
+    lod = None if args.lod is None else check_lod(args.lod, top + 1, "--lod (--scale)")
     suffix = format_suffix(args.output)
     wanted = {"occupancy": MESH_OUTPUTS, "image": IMAGE_OUTPUTS}.get(
         model.kind, VOLUME_OUTPUTS + MESH_OUTPUTS
@@ -139,11 +136,11 @@ def cmd_view(args: argparse.Namespace) -> int:
     for path in (args.screenshot, args.plot, args.movie):
         _refuse_existing(path, args.force)
     model = MinerModel.load(args.model)
-    top = model.layout.n_scales - 1
-    lods = args.lod
-    for lod in lods or []:
-        if not (math.isfinite(lod) and 0 <= lod <= top):
-            raise MinerError(f"--lod must be in [0, {top}], got {lod:g}")
+    from .sampling import check_lod
+
+    lods = None
+    if args.lod is not None:
+        lods = [check_lod(lod, model.layout.n_scales, "--lod") for lod in args.lod]
     metrics = args.model.parent / "metrics.csv"
     if args.plot is not None and not metrics.exists():
         raise MinerError(f"no metrics.csv beside {args.model}")

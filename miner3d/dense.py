@@ -84,12 +84,11 @@ def render_volume(
         ``(X, Y, Z)``, or ``(X, Y, Z, C)`` for several channels. Memory: the output (4 bytes
         per sample and channel) plus one band of work (:func:`volume_bytes`).
     """
-    import torch
+    from .sampling import auto_lod
 
     layout, channels = model.layout, model.channels
     if layout.ndim != 3:
         raise MinerError("a dense volume needs a 3D model")
-    from .sampling import auto_lod
 
     shape = output_shape(model, resolution)
     if scale is None:
@@ -120,8 +119,7 @@ def render_volume(
                 [np.repeat(xs, plane)[:, None], np.tile(yz, (len(xs), 1))], axis=1
             )
             g = (points + 0.5) * ratio
-            with torch.no_grad():
-                values = model.query(g, grid_coords=True, from_scale=scale).cpu().numpy()
+            values = model.query(g, grid_coords=True, from_scale=scale).cpu().numpy()
             out[x0 : x0 + len(xs)] = values.reshape(len(xs), shape[1], shape[2], channels)
     to_input_units(model, out)
     return out[..., 0] if channels == 1 else out
@@ -152,7 +150,7 @@ def central_slices(model: MinerModel, scale: float = 0, size: int = 256) -> list
 
 
 def save_volume(
-    model: MinerModel, path: str | Path, scale: int = 0, resolution: int | None = None
+    model: MinerModel, path: str | Path, scale: float | None = 0, resolution: int | None = None
 ) -> Path:
     """:func:`render_volume` written to ``path`` (the format by its extension, see
     :func:`miner3d.volumes.write_volume`) with the input's spacing, origin and direction."""

@@ -47,12 +47,9 @@ class Model:
 
     def _check_lod(self, lod: float | None) -> float | None:
         """``lod`` as an int where it is one (a level's own grid), else a float in range."""
-        if lod is None:
-            return None
-        lod = float(lod)
-        if not (np.isfinite(lod) and 0 <= lod <= self.lods - 1):
-            raise MinerError(f"lod must be in [0, {self.lods - 1}], got {lod:g}")
-        return int(lod) if lod.is_integer() else lod
+        from .sampling import check_lod
+
+        return None if lod is None else check_lod(lod, self.lods)
 
     def query(
         self, points: Any, lod: float = 0, grid_coords: bool = False, off_grid: bool = False

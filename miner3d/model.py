@@ -30,9 +30,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
+from . import sampling
 from .bank import BankShape, MLPBank
 from .blocks import BlockLayout, local_coordinates, scatter_blocks
 from .grid import GridTransform
@@ -268,19 +268,7 @@ class MinerModel:
         crop = (slice(None), *(slice(0, n) for n in self.layout.valid_shape(scale)))
         return field[crop]
 
-    def query(
-        self,
-        points: np.ndarray | torch.Tensor,
-        grid_coords: bool = False,
-        from_scale: float = 0,
-        chunk: int = 1 << 16,
-        off_grid: bool = False,
-    ) -> torch.Tensor:
-        """The model at arbitrary points, at a level of detail that may be fractional: see
-        :func:`miner3d.sampling.query`. Returns ``(P, C)`` float32."""
-        from .sampling import query
-
-        return query(self, points, grid_coords, from_scale, chunk, off_grid)
+    query = sampling.query  # the model at arbitrary points, fractional levels of detail
 
     # -- files ---------------------------------------------------------------------------
     def _file_parts(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

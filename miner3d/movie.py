@@ -59,7 +59,7 @@ def turntable_frames(model: MinerModel, n_frames: int = 24, size: int = 320) -> 
     (surfaces of occupancy models at 0.5, sampled at up to 96 voxels; volume renderings of
     volume models at up to 64)."""
     from .extract import marching_cubes
-    from .viz import _pyvista, volume_grid
+    from .viz import _pyvista, polydata, volume_grid
 
     pv = _pyvista()
     top = model.layout.n_scales - 1
@@ -83,8 +83,7 @@ def turntable_frames(model: MinerModel, n_frames: int = 24, size: int = 320) -> 
                     cache[lod] = None
             if cache[lod] is not None:
                 vertices, faces = cache[lod]
-                cells = np.hstack([np.full((len(faces), 1), 3), faces]).ravel()
-                surface = pv.PolyData(vertices, cells)
+                surface = polydata(vertices, faces)
                 plotter.add_mesh(surface, color="tan", smooth_shading=True)
                 bounds = bounds or surface.bounds
         plotter.add_text(f"lod {lod:.2f}", font_size=10)
@@ -149,7 +148,7 @@ def lod_explorer(model: MinerModel, off_screen: bool = False, resolution: int = 
     at every move (sampled at up to ``resolution`` voxels). Returns ``(plotter, update)``;
     ``update(lod)`` is what the slider calls (and what a test can call off-screen)."""
     from .extract import marching_cubes
-    from .viz import _pyvista, volume_grid
+    from .viz import _pyvista, polydata, volume_grid
 
     pv = _pyvista()
     top = model.layout.n_scales - 1
@@ -167,8 +166,7 @@ def lod_explorer(model: MinerModel, off_screen: bool = False, resolution: int = 
                 vertices, faces = marching_cubes(model, lod, 0.5, resolution=side)
             except MinerError:  # no surface at this level
                 return
-            cells = np.hstack([np.full((len(faces), 1), 3), faces]).ravel()
-            surface = pv.PolyData(vertices, cells)
+            surface = polydata(vertices, faces)
             plotter.add_mesh(surface, color="tan", smooth_shading=True, name="lod")
 
     update(0.0)

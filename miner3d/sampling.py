@@ -32,11 +32,20 @@ from .errors import MinerError
 from .pyramid import interpolate_at
 
 
+def check_lod(lod: float, n_scales: int, name: str = "lod") -> int | float:
+    """``lod`` if it is a level of detail of a model of ``n_scales`` scales (``[0, n - 1]``,
+    fractional allowed), as an ``int`` where it is one (a level's own grid); else a one-line
+    error naming the option ``name``."""
+    lod = float(lod)
+    if not (math.isfinite(lod) and 0 <= lod <= n_scales - 1):
+        raise MinerError(f"{name} must be in [0, {n_scales - 1}], got {lod:g}")
+    return int(lod) if lod.is_integer() else lod
+
+
 def scale_weights(n_scales: int, lod: float) -> list[float]:
     """The weight of each scale's residual field at level of detail ``lod`` (see the module
     doc): ``1`` above ``floor(lod)``, ``1 - frac(lod)`` at it, ``0`` below."""
-    if not (math.isfinite(lod) and 0 <= lod <= n_scales - 1):
-        raise MinerError(f"lod must be in [0, {n_scales - 1}], got {lod}")
+    lod = check_lod(lod, n_scales)
     j = math.floor(lod)
     f = lod - j
     return [0.0 if k < j else (1.0 - f if k == j else 1.0) for k in range(n_scales)]
@@ -55,17 +64,18 @@ def query(
     model,
     points: np.ndarray | torch.Tensor,
     grid_coords: bool = False,
-    lod: float = 0,
+    from_scale: float = 0,
     chunk: int = 1 << 16,
     off_grid: bool = False,
 ) -> torch.Tensor:
-    """The model (a :class:`~miner3d.model.MinerModel`) at arbitrary points.
+    """The model (a :class:`~miner3d.model.MinerModel`, whose ``query`` method this is) at
+    arbitrary points.
 
     Args:
         points: ``(P, d)`` in the input's own coordinates (through the model's transform),
             or continuous full-resolution grid coordinates if ``grid_coords`` (voxel ``i``'s
             centre at ``i + 0.5``).
-        lod: level of detail, fractional allowed (see the module doc).
+        from_scale: level of detail, fractional allowed (see the module doc).
         chunk: points per evaluation of the finest scale: its transient memory is the blocks
             those points touch (all ``b^d`` samples of each), or with ``off_grid`` about
             ``2^d`` MLP evaluations per point.
@@ -80,7 +90,7 @@ def query(
         points = model.transform.world_to_grid(np.asarray(points))
     if off_grid and model.gaussian:
         raise MinerError("off-grid evaluation needs a Laplacian-pyramid model")
-    weights = scale_weights(model.layout.n_scales, float(lod))
+    weights = scale_weights(model.layout.n_scales, from_scale)
     g = torch.as_tensor(np.asarray(points), dtype=torch.float64, device=model.device)
     total = torch.zeros((model.channels, g.shape[0]), device=model.device)
     for k in range(1, model.layout.n_scales):

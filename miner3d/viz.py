@@ -27,6 +27,18 @@ def _pyvista():
     return pv
 
 
+def _levels(model: MinerModel, lods: list[float] | None) -> list[float]:
+    """The levels of detail a picture shows: ``lods``, or every level, coarsest first."""
+    return list(range(model.layout.n_scales - 1, -1, -1)) if lods is None else list(lods)
+
+
+def polydata(vertices: np.ndarray, faces: np.ndarray):
+    """A triangle mesh ``(V, 3)``, ``(F, 3)`` as a PyVista ``PolyData``."""
+    pv = _pyvista()
+    cells = np.hstack([np.full((len(faces), 1), 3), faces]).ravel()
+    return pv.PolyData(vertices, cells)
+
+
 def block_outlines(model: MinerModel, scale: int):
     """``pyvista.PolyData`` of the 12 edges of every block of ``scale`` that has an MLP, in the
     input's coordinates."""
@@ -83,7 +95,7 @@ def render_levels(
 
     from .extract import marching_cubes
 
-    levels = list(range(model.layout.n_scales - 1, -1, -1)) if lods is None else list(lods)
+    levels = _levels(model, lods)
     n = len(levels)
     window_size = window_size or (320 * n, 640)
     off_screen = path is not None
@@ -98,8 +110,7 @@ def render_levels(
                 vertices, faces = None, None
         surface = None
         if vertices is not None:
-            cells = np.hstack([np.full((len(faces), 1), 3), faces]).ravel()
-            surface = pv.PolyData(vertices, cells)
+            surface = polydata(vertices, faces)
         plotter.subplot(0, col)
         plotter.add_text(f"scale {j:g}", font_size=10)
         if surface is not None:
@@ -137,7 +148,7 @@ def render_image_levels(
     import matplotlib.pyplot as plt
     from matplotlib.collections import LineCollection
 
-    levels = list(range(model.layout.n_scales - 1, -1, -1)) if lods is None else list(lods)
+    levels = _levels(model, lods)
     n = len(levels)
     fig, axes = plt.subplots(1, n, figsize=(4 * n, 4), squeeze=False)
     for col, j in enumerate(levels):
@@ -220,7 +231,7 @@ def render_volume_levels(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    levels = list(range(model.layout.n_scales - 1, -1, -1)) if lods is None else list(lods)
+    levels = _levels(model, lods)
     n = len(levels)
     lo, hi = model.meta.get("value_range", [None, None])
     fig, axes = plt.subplots(n, 4, figsize=(13, 3.3 * n), squeeze=False)
