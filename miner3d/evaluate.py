@@ -61,8 +61,8 @@ def volume_ssim(model: MinerModel, volume: np.ndarray, peak: float) -> float | N
     """3D SSIM (``skimage.metrics.structural_similarity`` on the whole volume, 7^3 windows) of
     the finest reconstruction against ``volume`` ``(C, X, Y, Z)`` in the input's units, with
     ``peak`` (PSNR's peak, input units) as the data range; the mean over channels. ``None`` for
-    volumes over :data:`SSIM_MAX_SAMPLES` samples (float64 copies, about 48 bytes a sample) or
-    smaller than the window."""
+    volumes over :data:`SSIM_MAX_SAMPLES` samples (float64 copies and the float32
+    reconstruction, about 56 bytes a sample) or smaller than the window."""
     from skimage.metrics import structural_similarity
 
     from .dense import render_volume

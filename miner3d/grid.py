@@ -27,11 +27,12 @@ Convention (used by every module through this one):
   says otherwise (a NIfTI sform, a MetaImage ``TransformMatrix``): it is kept and written
   back, never resampled away.
 * **World coordinates are the input's own.** miner3d converts no frame: a mesh's units, a
-  NIfTI file's RAS+ millimetres (its sform, else its qform, as nibabel reads them), a VTK,
-  MetaImage or NRRD file's frame as VTK reads it (LPS for files written by ITK). Outputs are
-  written in the same frame, so they overlay the input in any viewer. Volume formats that
-  place samples at points (VTK, NIfTI) put sample ``i`` at ``g = i + 0.5`` here, so their
-  origin is the first sample's centre, half a voxel from ours.
+  NIfTI file's RAS+ millimetres (its sform, else its qform, as nibabel reads them), a VTK
+  or MetaImage file's frame as VTK reads it, an NRRD file's ``space`` (LPS for files
+  written by ITK). Outputs are written in the same frame, so they overlay the input in any
+  viewer. Volume formats that place samples at points (VTK, NIfTI, NRRD) put sample ``i``
+  at ``g = i + 0.5`` here, so their origin is the first sample's centre, half a voxel from
+  ours.
 """
 
 from __future__ import annotations

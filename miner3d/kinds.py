@@ -126,10 +126,24 @@ def is_grid_file(path: Path) -> bool:
         return False
 
 
+def source_kind(path: Path, kind: Kind) -> str:
+    """What an input file of ``kind`` is read as: ``mesh``, ``grid`` (a miner3d ``.npz``),
+    ``image`` (a picture, read by :func:`miner3d.io.read_image`) or ``volume`` (an array or
+    a volume file, read by :func:`miner3d.volumes.read_volume`)."""
+    ext = format_suffix(path)
+    if ext in MESH_EXTENSIONS:
+        return "mesh"
+    if ext in GRID_EXTENSIONS and is_grid_file(path):
+        return "grid"
+    if kind.name == "image" and ext in IMAGE_EXTENSIONS and ext not in ARRAY_EXTENSIONS:
+        return "image"
+    return "volume"
+
+
 def kind_of_path(path: Path) -> Kind:
     """The kind of an input file, by extension and, for arrays and TIFFs, by the shape its
-    header declares (see the module doc). A volume of bytes is told from occupancy when it is
-    read (:func:`read_signal`)."""
+    header declares (see the module doc). A 3D array of bytes is read once here to tell
+    occupancy (only 0 and 1) from a volume, and again when it is fitted."""
     ext = format_suffix(path)
     if ext in MESH_EXTENSIONS or ext == ".binvox":
         return OCCUPANCY
@@ -293,8 +307,8 @@ def read_signal(
     from .voxelizer import voxelize_file
 
     ext = format_suffix(path)
-    grid_file = ext in GRID_EXTENSIONS and is_grid_file(path)
-    if kind.name == "image" and ext in IMAGE_EXTENSIONS and ext not in ARRAY_EXTENSIONS:
+    source = source_kind(path, kind)
+    if source == "image":
         image, mapped = read_image(path, max_memory)
         scale = value_scale(image.dtype)
         if np.issubdtype(image.dtype, np.floating) and image.dtype != np.float32:
@@ -306,7 +320,7 @@ def read_signal(
             "memory_mapped": mapped,
         }
         return Signal(image, kind, scale, None, info)
-    if not (grid_file or ext in MESH_EXTENSIONS):
+    if source == "volume":
         if ext not in VOLUME_EXTENSIONS:
             raise MinerError(f"{path} is not a {kind.name} input (unknown extension '{ext}')")
         volume = read_volume(path, max_memory)
@@ -331,10 +345,9 @@ def read_signal(
         return Signal(data, kind, 1.0, volume.transform, info)
     if kind.name != "occupancy":
         raise MinerError(f"{path} is a mesh or a miner3d grid: an occupancy input")
-    if grid_file:
-        grid, source_kind = OccupancyGrid.load(path), "grid"
+    if source == "grid":
+        grid = OccupancyGrid.load(path)
     else:
-        source_kind = "mesh"
         if reuse_grid is not None and reuse_grid.exists():  # a resumed run reuses its grid
             grid = OccupancyGrid.load(reuse_grid)
         else:
@@ -346,7 +359,7 @@ def read_signal(
     if grid.occupancy.ndim != 3:
         raise MinerError(f"{path} holds a {grid.occupancy.ndim}D grid; expected 3D")
     info = {
-        "kind": source_kind,
+        "kind": source,
         "grid_shape": list(grid.shape),
         "filled_fraction": grid.filled_fraction,
         "voxelize": grid.meta,

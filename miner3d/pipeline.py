@@ -24,7 +24,7 @@ from .config import RunConfig
 from .errors import DivergedError, FitInterrupted
 from .grid import OccupancyGrid
 from .io import file_sha256
-from .kinds import Kind, Signal, read_signal
+from .kinds import Kind, Signal, read_signal, source_kind
 from .memory import peak_rss, preflight
 from .metrics import time_to
 from .model import MinerModel
@@ -33,27 +33,10 @@ from .train import fit as train_fit
 Progress = Callable[[dict[str, Any]], None]
 
 
-def input_kind_of(path: Path, kind: Kind) -> str:
-    """What an input file is: ``mesh``, ``grid`` (a miner3d ``.npz``), ``image`` (a picture)
-    or ``volume`` (an array or a volume file)."""
-    from .io import IMAGE_EXTENSIONS, MESH_EXTENSIONS
-    from .kinds import is_grid_file
-    from .volumes import ARRAY_EXTENSIONS
-
-    ext = path.suffix.lower()
-    if ext in MESH_EXTENSIONS:
-        return "mesh"
-    if ext == ".npz" and is_grid_file(path):
-        return "grid"
-    if kind.name == "image" and ext in IMAGE_EXTENSIONS and ext not in ARRAY_EXTENSIONS:
-        return "image"
-    return "volume"
-
-
 def run_info(source: Any, path: Path | None, kind: Kind) -> dict[str, Any]:
     """``run.json``: where the input came from."""
     if path is not None:
-        input_kind = input_kind_of(path, kind)
+        input_kind = source_kind(path, kind)
         sha = file_sha256(path)
         return {
             "source": str(path.resolve()),
@@ -154,7 +137,7 @@ def run(
         from .memory import usable_cpus
 
         usable = usable_cpus()
-        if torch.get_num_threads() > usable:  # more would oversubscribe (6x slower, measured)
+        if torch.get_num_threads() > usable:  # more oversubscribe (BENCHMARKS.md: 4.8x slower)
             torch.set_num_threads(usable)
         threads = f", {torch.get_num_threads()} threads of {usable} usable CPUs"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()
