@@ -49,7 +49,10 @@ def cmd_extract(args: argparse.Namespace) -> int:
     )
     if suffix not in wanted:
         got = suffix or str(args.output)
-        raise MinerError(f"an {model.kind} model is extracted to {', '.join(wanted)}; got '{got}'")
+        article = "an" if model.kind[0] in "aeiou" else "a"
+        raise MinerError(
+            f"{article} {model.kind} model is extracted to {', '.join(wanted)}; got '{got}'"
+        )
     if model.kind == "image":
         from .sampling import auto_lod
 

@@ -99,7 +99,7 @@ class Model:
         from .extract import render_image
 
         if self.kind != "image":
-            raise MinerError(f"image() is for image models; this one is an {self.kind} model")
+            raise MinerError(f"image() is for image models; this model's kind is {self.kind}")
         lod = self._check_lod(lod)
         out = render_image(self.core, lod, size, np.float32, off_grid=off_grid)
         return out[..., None] if out.ndim == 2 else out
@@ -112,7 +112,7 @@ class Model:
         from .dense import render_volume
 
         if self.kind != "volume":
-            raise MinerError(f"volume() is for volume models; this one is an {self.kind} model")
+            raise MinerError(f"volume() is for volume models; this model's kind is {self.kind}")
         return render_volume(self.core, self._check_lod(lod), resolution)
 
     def evaluate(
@@ -129,7 +129,7 @@ class Model:
 
         if self.kind != "occupancy":
             raise MinerError(
-                f"evaluate() is for occupancy models; this one is an {self.kind} model"
+                f"evaluate() is for occupancy models; this model's kind is {self.kind}"
             )
         occupancy = grid.occupancy if isinstance(grid, OccupancyGrid) else grid
         if occupancy is None and mesh is None:

@@ -86,7 +86,7 @@ class Kind:
             if a.ndim == 4 and self.name == "volume" and a.shape[-1] <= 4:
                 return np.moveaxis(a, -1, 0)
             if a.ndim != 3:
-                raise MinerError(f"an {self.name} array is (X, Y, Z); got shape {a.shape}")
+                raise MinerError(f"{self.name} arrays are (X, Y, Z); got shape {a.shape}")
             return a[None]
         if a.ndim == 2:
             return a[None]
