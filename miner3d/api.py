@@ -30,6 +30,7 @@ import numpy as np
 from . import pipeline, rundir
 from .checkpoint import Checkpoint
 from .config import RunConfig, build_config, default_preset, override_key
+from .distributed import join, pick_device
 from .errors import FitInterrupted, MinerError
 from .facade import Model
 from .grid import OccupancyGrid
@@ -38,7 +39,7 @@ from .kinds import OCCUPANCY, Kind, Signal, get_kind, kind_of_path, value_scale,
 from .memory import parse_size
 from .model import MinerModel
 from .resources import default_mesh
-from .train import pick_device
+from .shards import load_rank_checkpoint
 
 Progress = Callable[[dict[str, Any]], None]
 
@@ -102,31 +103,45 @@ def fit(
 
     SIGINT, SIGTERM and SIGHUP (in the main thread) make the fit checkpoint (with ``output``)
     and raise :class:`~miner3d.errors.FitInterrupted`.
+
+    Started by ``torchrun`` with several ranks, every rank calls this with the same
+    arguments: the ranks share each scale's blocks (:mod:`miner3d.distributed`), rank 0
+    alone writes ``output`` (its name is rank 0's) and reports, and every rank returns the
+    whole model.
     """
     budget = _budget(max_memory)
     signal_in, path, the_kind = _source(source, kind)
     cfg = _config(the_kind, preset, config, overrides)
-    device = pick_device(cfg.device)  # before anything is written
+    team, device = join(pick_device(cfg.device))  # before anything is written
+    if not team.leader:
+        progress = banner = None
     info = pipeline.run_info(source, path, the_kind)
+    args = (signal_in, path, the_kind, cfg, device, info)
     if output is None:
         model, summary, history = pipeline.run(
-            signal_in, path, the_kind, cfg, device, info, None, None, budget, progress, banner
+            *args, None, None, budget, progress, banner, team=team
         )
         return FitResult(Model(model), summary, history, None)
-    run_dir = Path(output)
+    run_dir = Path(team.broadcast_text(str(output)))
     started = time.time() - 1e-3
-    lock, created = rundir.open_run_dir(run_dir, force, break_lock)
+
+    def open_dir(first: bool) -> tuple[rundir.RunLock | None, bool]:
+        return rundir.open_run_dir(run_dir, force, break_lock) if first else (None, False)
+
+    lock, created = team.in_turn(open_dir)
     try:
         model, summary, history = pipeline.run(
-            signal_in, path, the_kind, cfg, device, info, run_dir, None, budget, progress, banner
+            *args, run_dir, None, budget, progress, banner, team=team
         )
     except BaseException as exc:
-        lock.release()  # first: discarding may remove the directory
-        if not isinstance(exc, FitInterrupted):  # an interrupted run keeps its checkpoint
-            rundir.discard_failed(run_dir, created, started)
+        if lock is not None:
+            lock.release()  # first: discarding may remove the directory
+            if not isinstance(exc, FitInterrupted):  # an interrupted run keeps its checkpoint
+                rundir.discard_failed(run_dir, created, started)
         raise
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
     return FitResult(Model(model), summary, history, run_dir)
 
 
@@ -167,8 +182,18 @@ def resume(
             raise MinerError(f"a resumed run may change only {names}; not {key}")
     if not run_dir.is_dir():
         raise MinerError(f"{run_dir} is not a miner3d run directory")
-    with rundir.RunLock(run_dir, break_lock):
-        info = rundir.read_run(run_dir)
+    info = rundir.read_run(run_dir)
+    cfg = build_config(config_file=run_dir / rundir.CONFIG, overrides=values)
+    team, device = join(pick_device(cfg.device))
+    if not team.leader:
+        progress = banner = None
+
+    def take_lock(first: bool) -> rundir.RunLock | None:  # rank 0 holds the run's lock
+        return rundir.RunLock(run_dir, break_lock).acquire() if first else None
+
+    lock = team.in_turn(take_lock)
+    try:
+        info = rundir.read_run(run_dir)  # again, now that the run is ours
         if info["source"] == "<array>":
             raise MinerError(f"{run_dir} was fitted from an in-memory array; only files resume")
         path = check_input_file(Path(info["source"]))
@@ -178,18 +203,34 @@ def resume(
                 "--allow-changed-input to continue with the new file anyway"
             )
         the_kind = get_kind(info.get("signal_kind") or kind_of_path(path))
-        cfg = build_config(config_file=run_dir / rundir.CONFIG, overrides=values)
-        device = pick_device(cfg.device)
-        ckpt, note = rundir.load_run_checkpoint(run_dir)
+        if team.active:
+            ckpt, note = load_rank_checkpoint(run_dir, team)
+        else:
+            ckpt, note = rundir.load_run_checkpoint(run_dir)
         if note and banner is not None:
             banner(f"note: {note}")
         _check_resume(run_dir, cfg, ckpt, info)
-        if values:
-            rundir.write_yaml(run_dir / rundir.CONFIG, cfg.to_dict())
-        rundir.remove_temporaries(run_dir)
+        if team.leader:
+            if values:
+                rundir.write_yaml(run_dir / rundir.CONFIG, cfg.to_dict())
+            rundir.remove_temporaries(run_dir)
         model, summary, history = pipeline.run(
-            None, path, the_kind, cfg, device, info, run_dir, ckpt, budget, progress, banner
+            None,
+            path,
+            the_kind,
+            cfg,
+            device,
+            info,
+            run_dir,
+            ckpt,
+            budget,
+            progress,
+            banner,
+            team=team,
         )
+    finally:
+        if lock is not None:
+            lock.release()
     return FitResult(Model(model), summary, history, run_dir)
 
 

@@ -16,6 +16,7 @@ import itertools
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -68,6 +69,28 @@ class MLPBank:
             params += [(w * bound).to(device), (b * bound).to(device)]
         return cls(shape, params)
 
+    @classmethod
+    def for_blocks(
+        cls,
+        shape: BankShape,
+        ids: torch.Tensor,
+        seed: int,
+        stream: int,
+        device: torch.device | str = "cpu",
+    ) -> MLPBank:
+        """SIREN-initialised bank with one MLP per block id ``(n,)``, each drawn from its own
+        counter-based stream (:func:`block_uniform`): a block's initial weights depend only
+        on ``seed``, ``stream`` (the scale) and its id, never on which other blocks share
+        the bank, so sharding blocks across ranks changes nothing. Memory: 16 bytes per
+        parameter while drawing."""
+        params = []
+        for layer, (fan_in, fan_out) in enumerate(shape.layer_sizes):
+            bound = 1.0 / fan_in if layer == 0 else math.sqrt(6.0 / fan_in) / shape.w0
+            for k, size in enumerate(((fan_in, fan_out), (1, fan_out))):
+                u = block_uniform(seed, (stream << 8) + 2 * layer + k, ids, math.prod(size))
+                params.append(((u * 2 - 1) * bound).reshape(len(ids), *size).to(device))
+        return cls(shape, params)
+
     def __len__(self) -> int:
         return self.params[0].shape[0]
 
@@ -86,14 +109,19 @@ class MLPBank:
             ``(n or m, P, out_features)``.
         """
         params = self.params if rows is None else [p[rows] for p in self.params]
-        x = coords
+        single = params[0].shape[0] == 1
+        if single:  # a batch of one takes another kernel (last bits differ): run two
+            params = [torch.cat([p, p.detach()]) for p in params]
+        # every block's outputs are then bitwise the same in any company: sharding blocks
+        # across ranks, or chunking them, changes no result
+        x = coords.expand(params[0].shape[0], *coords.shape[-2:])
         last = len(params) // 2 - 1
         for layer in range(last + 1):
             w, b = params[2 * layer], params[2 * layer + 1]
-            x = torch.matmul(x, w) + b  # (P, in) @ (n, in, out) broadcasts to (n, P, out)
+            x = torch.baddbmm(b, x, w)  # (n, P, in) @ (n, in, out) + (n, 1, out)
             if layer < last:
                 x = torch.sin(self.shape.w0 * x)
-        return x
+        return x[:1] if single else x
 
     @torch.no_grad()
     def evaluate(
@@ -191,3 +219,33 @@ class BankAdam:
         self.exp_avg_sq = [state[f"exp_avg_sq{i}"].to(device) for i in range(n)]
         self.step_count = int(step)
         self.lr = float(lr)
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _mix(z: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser on a ``uint64`` array, in place (wrapping arithmetic)."""
+    z ^= z >> np.uint64(30)
+    z *= np.uint64(0xBF58476D1CE4E5B9)
+    z ^= z >> np.uint64(27)
+    z *= np.uint64(0x94D049BB133111EB)
+    z ^= z >> np.uint64(31)
+    return z
+
+
+def block_uniform(seed: int, stream: int, ids: torch.Tensor, count: int) -> torch.Tensor:
+    """``(n, count)`` float32 uniform in ``[0, 1)``: row ``i`` is the first ``count``
+    numbers of the stream keyed by ``(seed, stream, ids[i])`` (SplitMix64 over a counter,
+    two 24-bit numbers from each 64-bit draw). Depends on nothing else: not on the other
+    ids, nor on a generator's state. CPU; memory: 12 bytes per number while mixing."""
+    key = (seed * 0x9E3779B97F4A7C15 + stream * 0xD1B54A32D192ED03) & _MASK64
+    base = _mix(ids.cpu().numpy().astype(np.uint64) ^ np.uint64(key))
+    half = (count + 1) // 2
+    z = np.arange(half, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    z = _mix(base[:, None] + z[None, :])
+    out = np.empty((len(base), 2 * half), dtype=np.float32)
+    out[:, 0::2] = z >> np.uint64(40)
+    out[:, 1::2] = (z >> np.uint64(16)) & np.uint64(0xFFFFFF)
+    out *= np.float32(2.0**-24)
+    return torch.from_numpy(out[:, :count])

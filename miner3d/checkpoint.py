@@ -85,9 +85,10 @@ def _validate(state: Any, tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> Path:
-    """Write a checkpoint atomically, with the SHA-256 of its tensors in its state."""
-    state = {**checkpoint.state, "tensors_sha256": tensors_sha256(checkpoint.tensors)}
-    return write_safetensors(path, checkpoint.tensors, FORMAT, state)
+    """Write a checkpoint atomically, with the SHA-256 of its tensors in its state (also set
+    in ``checkpoint.state``)."""
+    checkpoint.state["tensors_sha256"] = tensors_sha256(checkpoint.tensors)
+    return write_safetensors(path, checkpoint.tensors, FORMAT, checkpoint.state)
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:

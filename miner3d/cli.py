@@ -275,13 +275,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     one too, with its type, unless ``--debug`` asks for the traceback."""
     parser = _build_parser()
     args = parser.parse_args(argv)
+    who = "miner3d"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one of torchrun's ranks
+        who = f"miner3d (rank {os.environ.get('RANK', '?')})"
     try:
         return args.func(args)
     except MinerError as exc:
-        print(f"miner3d: error: {exc}", file=sys.stderr)
+        print(f"{who}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("miner3d: interrupted", file=sys.stderr)
+        print(f"{who}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # the reader went away (`miner3d ... | head -1`): stop quietly
         devnull = os.open(os.devnull, os.O_WRONLY)
@@ -292,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         reason = str(exc).splitlines()[0] if str(exc) else ""
         print(
-            f"miner3d: error: unexpected {type(exc).__name__}: {reason} (this is a bug in "
+            f"{who}: error: unexpected {type(exc).__name__}: {reason} (this is a bug in "
             "miner3d; rerun with --debug for the traceback and report it)",
             file=sys.stderr,
         )

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import MinerError
+from .errors import MinerError, first_line
 
 
 def _refuse_existing(path: Path | None, force: bool) -> None:
@@ -238,6 +238,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
         config = api.effective_config(args.input, args.kind, args.preset, args.config, overrides)
         print(to_yaml(config), end="")
         return 0
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 reports
+        args.quiet = True
     progress = None if args.quiet else FitProgress()
     banner = None if args.quiet else (lambda text: print(text, flush=True))
     common = {
@@ -261,9 +263,16 @@ def cmd_fit(args: argparse.Namespace) -> int:
                 force=args.force,
                 **common,
             )
+    except RuntimeError as exc:  # torchrun: a collective failed, another rank went away
+        if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            raise
+        raise MinerError(f"another rank failed or was killed: {first_line(exc)}") from None
     finally:
         if progress is not None:
             progress.close()
+        from .distributed import leave
+
+        leave()
     if not args.quiet:
         for line in describe_summary(result.summary):
             print(line)

@@ -236,26 +236,39 @@ class MinerModel:
             total += interpolate_at(self.residual_field(k), positions).movedim(0, 1)
         return total
 
-    def measure(self, source, from_scale: int, iou: bool, batch: int = 512) -> MetricSums:
+    def measure(
+        self,
+        source,
+        from_scale: int,
+        iou: bool,
+        batch: int = 512,
+        blocks: tuple[int, int] | None = None,
+    ) -> MetricSums:
         """Metric sums of level of detail ``from_scale`` against the full-resolution signal
         ``source`` (a :class:`miner3d.source.SignalSource` on this layout), real samples
-        only, streamed block batch by block batch (no dense float copy of either).
-        ``iou``: also count IoU (binary signals)."""
+        only, streamed block batch by block batch (no dense float copy of either), over the
+        scale-0 blocks ``[start, stop)`` of ``blocks`` (all by default). ``iou``: also
+        count IoU (binary signals)."""
         sums = MetricSums()
-        for ids, values in self.iter_blocks(0, from_scale, batch):
+        for ids, values in self.iter_blocks(0, from_scale, batch, blocks):
             truth = source.level_blocks(0, self.layout.unravel(0, ids))
             mask = self.layout.valid_mask(0, ids)
             sums = sums.add(block_sums(values.to(truth.device), truth, mask, iou))
         return sums
 
     def iter_blocks(
-        self, s: int = 0, from_scale: int | None = None, batch: int = 512
+        self,
+        s: int = 0,
+        from_scale: int | None = None,
+        batch: int = 512,
+        blocks: tuple[int, int] | None = None,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Stream the reconstruction at scale ``s``: yields ``(ids (n,), values (n, C, b..b))``
-        over every block of scale ``s``. Peak memory: one batch of blocks."""
-        n = self.layout.n_blocks(s)
-        for start in range(0, n, batch):
-            ids = torch.arange(start, min(start + batch, n), device=self.device)
+        over every block of scale ``s`` (or the ids ``[start, stop)`` of ``blocks``). Peak
+        memory: one batch of blocks."""
+        first, stop = blocks or (0, self.layout.n_blocks(s))
+        for start in range(first, stop, batch):
+            ids = torch.arange(start, min(start + batch, stop), device=self.device)
             yield ids, self.evaluate_blocks(s, ids, from_scale)
 
     def decode(self, scale: int = 0, batch: int = 512) -> torch.Tensor:

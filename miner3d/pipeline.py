@@ -21,13 +21,15 @@ import numpy as np
 from . import rundir
 from .checkpoint import Checkpoint
 from .config import RunConfig
-from .errors import DivergedError, FitInterrupted
+from .distributed import Team
+from .errors import DivergedError, FitInterrupted, MinerError
 from .grid import OccupancyGrid
 from .io import file_sha256
 from .kinds import Kind, Signal, read_signal, source_kind
 from .memory import peak_rss, preflight
 from .metrics import time_to
 from .model import MinerModel
+from .shards import save_rank_checkpoint
 from .train import fit as train_fit
 
 Progress = Callable[[dict[str, Any]], None]
@@ -122,13 +124,21 @@ def run(
     max_memory: int | None,
     progress: Progress | None,
     banner: Callable[[str], None] | None,
+    *,
+    team: Team | None = None,
 ) -> tuple[MinerModel, dict[str, Any], list[dict[str, Any]]]:
     """Read the input (unless ``sig`` is given), fit, and write the run directory (if any):
     the body of :func:`miner3d.api.fit` and :func:`miner3d.api.resume`. Returns the model,
     the summary (``summary.json``) and the history. Peak memory: the larger of the reading
     stage's (see :func:`miner3d.kinds.read_signal`) and the fit's (see
-    :func:`miner3d.train.fit`), then one level of detail at a time for the outputs."""
+    :func:`miner3d.train.fit`), then one level of detail at a time for the outputs.
+
+    With several ranks (``team``), every rank reads the input (a mesh is voxelized by rank
+    0 and the others read its ``grid.npz``), fits its share, and rank 0 alone writes the run
+    directory; checkpoints are one shard per rank plus rank 0's manifest."""
     import torch
+
+    team = team or Team(device=device)
 
     t_start = time.perf_counter()
     previous = 0.0 if ckpt is None else float(ckpt.state.get("elapsed", 0.0))
@@ -139,39 +149,46 @@ def run(
         usable = usable_cpus()
         if torch.get_num_threads() > usable:  # more oversubscribe (BENCHMARKS.md: 4.8x slower)
             torch.set_num_threads(usable)
-        threads = f", {torch.get_num_threads()} threads of {usable} usable CPUs"
+        n = torch.get_num_threads()
+        threads = f", {n} thread{'s' * (n > 1)} of {usable} usable CPUs"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()
     if banner is not None:
         where = f" -> {run_dir}" if run_dir is not None else ""
+        ranks = f" x {team.world_size} ranks" if team.active else ""
         at = ""
         if ckpt is not None:
             at = f" | resuming at scale {ckpt.state['scale']}, iteration {ckpt.state['iteration']}"
         banner(
             f"miner3d fit {path or '<array>'}{where} | preset {cfg.preset} | {device.type} "
-            f"({name}{threads}) | torch {torch.__version__}{at}"
+            f"({name}{threads}){ranks} | torch {torch.__version__}{at}"
         )
     t0 = time.perf_counter()
     if sig is None:
         grid = None if run_dir is None else run_dir / rundir.GRID
-        sig = read_signal(
-            path,
-            kind,
-            resolution=cfg.resolution,
-            voxelizer=cfg.voxelizer,
-            cube=cfg.cube,
-            margin=cfg.margin,
-            reuse_grid=None if ckpt is None else grid,
-            save_grid=grid,
-            max_memory=max_memory,
-        )
+
+        def read(first: bool) -> Signal:  # rank 0 voxelizes a mesh; the others reuse it
+            return read_signal(
+                path,
+                kind,
+                resolution=cfg.resolution,
+                voxelizer=cfg.voxelizer,
+                cube=cfg.cube,
+                margin=cfg.margin,
+                reuse_grid=None if ckpt is None and first else grid,
+                save_grid=grid if first else None,
+                max_memory=max_memory,
+            )
+
+        sig = team.in_turn(read)
     load_seconds = time.perf_counter() - t0
     _preflight(sig, cfg, max_memory)
-    if run_dir is not None and ckpt is None:  # the input is good: now the run's files
+    writes = run_dir is not None and team.leader
+    if writes and ckpt is None:  # the input is good: now the run's files
         rundir.remove_stale(run_dir)
         rundir.write_yaml(run_dir / rundir.CONFIG, cfg.to_dict())
         rundir.write_json(run_dir / rundir.RUN, info)
     log = None
-    if run_dir is not None:
+    if writes:
         log = rundir.MetricsLog(
             run_dir / rundir.METRICS, None if ckpt is None else ckpt.state["history"]
         )
@@ -184,8 +201,12 @@ def run(
 
     def on_checkpoint(state: Checkpoint) -> None:
         state.state["run_config"] = cfg.to_dict()
-        rundir.save_run_checkpoint(run_dir, state)
-        log.rewrite(state.state["history"])
+        if team.active:
+            save_rank_checkpoint(run_dir, state, team)
+        else:
+            rundir.save_run_checkpoint(run_dir, state)
+        if log is not None:
+            log.rewrite(state.state["history"])
 
     meta = {"source": info["source"], "source_sha256": info["sha256"], **sig.info}
     if device.type == "cuda":
@@ -208,13 +229,26 @@ def run(
                 checkpoint_iterations=cfg.checkpoint_iterations,
                 resume=ckpt,
                 should_stop=lambda: flag.requested,
+                team=team,
             )
     except FitInterrupted as exc:
         name = signal.Signals(flag.signum).name if flag.signum else "a stop request"
-        where = f"; checkpoint saved; continue with: miner3d fit --resume {run_dir}"
+        launcher = f"torchrun --nproc_per_node {team.world_size} -m " if team.active else ""
+        where = f"; checkpoint saved; continue with: {launcher}miner3d fit --resume {run_dir}"
         error = FitInterrupted(f"{name}: {exc}{where if run_dir else ''}")
         error.exit_code = 128 + flag.signum if flag.signum else 130
         raise error from None
+    except RuntimeError:
+        if not team.active:
+            raise
+        again = (
+            f"; its last checkpoint is kept: torchrun --nproc_per_node {team.world_size} "
+            f"-m miner3d fit --resume {run_dir}"
+        )
+        raise MinerError(
+            f"rank {team.rank} of {team.world_size} lost contact with another rank (it failed "
+            f"or was killed: see its message){again if run_dir else ''}"
+        ) from None
     except DivergedError as exc:
         again = f"miner3d fit {path} -o {run_dir} --force" if path and run_dir else "a fit"
         lower = f"{min(cfg.fit.lr / 10, 1e-3):g}"
@@ -225,6 +259,8 @@ def run(
     model = result.model
     t0 = time.perf_counter()
     outputs: list[str] = []
+    if not team.leader:  # rank 0 writes and reports
+        return model, result.summary, result.history
     if run_dir is not None:
         model_bytes = model.save(run_dir / rundir.MODEL).stat().st_size
         rundir.write_metrics_csv(run_dir / rundir.METRICS, result.history)
@@ -259,7 +295,7 @@ def run(
         "seconds_fit": result.summary["seconds"],
         "seconds_outputs": round(output_seconds, 3),
         "seconds_total": round(previous + time.perf_counter() - t_start, 3),
-        "peak_rss_bytes": peak_rss(),
+        "peak_rss_bytes": max(peak_rss(), *(r["peak_rss_bytes"] for r in result.summary["ranks"])),
         "peak_gpu_bytes": torch.cuda.max_memory_allocated(device)
         if device.type == "cuda"
         else None,

@@ -48,6 +48,10 @@ RUN = "run.json"
 GRID = "grid.npz"
 CHECKPOINT = "checkpoint.safetensors"
 PREVIOUS_CHECKPOINT = "checkpoint.prev.safetensors"
+MANIFEST = "checkpoint.json"
+"""Several ranks: ``checkpoint.rank<r>.safetensors`` (and ``.prev``) per rank, and this
+manifest of rank 0's (and ``checkpoint.prev.json``), see :mod:`miner3d.shards`."""
+PREVIOUS_MANIFEST = "checkpoint.prev.json"
 MODEL = "model.safetensors"
 METRICS = "metrics.csv"
 SUMMARY = "summary.json"
@@ -66,6 +70,9 @@ SUMMARY_KEYS: dict[str, str] = {
     "stage_seconds": "{setup (each scale's targets and banks), fitting (iterations), measuring "
     "(quality measurements: live during scale 0, full-grid at each scale's end)} of this "
     "session; with seconds_load and seconds_outputs, where the time went",
+    "world_size": "processes that fitted together (torchrun ranks; 1 for one process)",
+    "ranks": "[{rank, host, seconds_fitting, mlp_blocks (its share, all scales), "
+    "peak_rss_bytes (at the fit's end)}], one per rank",
     "params": "parameters of every MLP of the model",
     "scale_seconds": "{scale: seconds spent fitting it}",
     "scales": "{scale: quality at that level of detail}, e.g. {'iou': ..., 'iou_04': ...}",
@@ -85,7 +92,7 @@ SUMMARY_KEYS: dict[str, str] = {
     "seconds_fit": "= seconds",
     "seconds_outputs": "seconds to write meshes, pictures and metrics",
     "seconds_total": "wall time of the whole run, every session of a resumed run included",
-    "peak_rss_bytes": "peak resident memory of the (last) process",
+    "peak_rss_bytes": "peak resident memory of the (last) process; the largest rank's with several",
     "peak_gpu_bytes": "peak CUDA memory allocated, or null",
     "outputs": "the files written per level of detail and the pictures",
     "versions": "{miner3d, torch, numpy, python}",
@@ -163,21 +170,25 @@ class MetricsLog:
             self._fh.close()
 
 
-def save_run_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> None:
+def save_run_checkpoint(
+    run_dir: Path, checkpoint: Checkpoint, names: tuple[str, str] | None = None
+) -> None:
     """Write the checkpoint (whole, then renamed), keeping the one before as
     ``checkpoint.prev``. ``checkpoint.safetensors`` never goes missing: the previous one is
     hard-linked to its new name before the new one replaces it (renamed, where the file
-    system has no hard links), so a kill or a reader at any moment finds a whole checkpoint."""
-    current = run_dir / CHECKPOINT
-    staged = save_checkpoint(run_dir / f".{CHECKPOINT}.staged.tmp", checkpoint)
+    system has no hard links), so a kill or a reader at any moment finds a whole checkpoint.
+    ``names``: the current and previous file names (a rank's shards)."""
+    names = names or (CHECKPOINT, PREVIOUS_CHECKPOINT)
+    current = run_dir / names[0]
+    staged = save_checkpoint(run_dir / f".{names[0]}.staged.tmp", checkpoint)
     if current.exists():
-        previous = run_dir / f".{PREVIOUS_CHECKPOINT}.staged.tmp"
+        previous = run_dir / f".{names[1]}.staged.tmp"
         previous.unlink(missing_ok=True)
         try:
             os.link(current, previous)
         except OSError:  # no hard links here: a brief moment with only the previous one
             os.replace(current, previous)
-        os.replace(previous, run_dir / PREVIOUS_CHECKPOINT)
+        os.replace(previous, run_dir / names[1])
     os.replace(staged, current)
 
 
@@ -186,6 +197,11 @@ def load_run_checkpoint(run_dir: Path) -> tuple[Checkpoint | None, str]:
     why); ``(None, "")`` when there is none. A checkpoint that fails its integrity check falls
     back to the previous one."""
     notes = []
+    if (run_dir / MANIFEST).exists() or (run_dir / PREVIOUS_MANIFEST).exists():
+        raise MinerError(
+            f"{run_dir} was checkpointed by several ranks: resume it with torchrun and as many "
+            "ranks (see its checkpoint.json)"
+        )
     for name in (CHECKPOINT, PREVIOUS_CHECKPOINT):
         path = run_dir / name
         if not path.is_file():
@@ -200,10 +216,23 @@ def load_run_checkpoint(run_dir: Path) -> tuple[Checkpoint | None, str]:
 
 
 def remove_checkpoints(run_dir: Path) -> None:
-    """Remove the checkpoints and any temporary file a killed write left behind."""
-    for name in (CHECKPOINT, PREVIOUS_CHECKPOINT):
-        (run_dir / name).unlink(missing_ok=True)
+    """Remove the checkpoints (a single process's, or the ranks' shards and manifests) and any
+    temporary file a killed write left behind."""
+    for path in checkpoint_files(run_dir):
+        path.unlink(missing_ok=True)
     remove_temporaries(run_dir)
+
+
+def shard_names(rank: int) -> tuple[str, str]:
+    """Rank ``rank``'s current and previous checkpoint files."""
+    return f"checkpoint.rank{rank}.safetensors", f"checkpoint.rank{rank}.prev.safetensors"
+
+
+def checkpoint_files(run_dir: Path) -> list[Path]:
+    """Every checkpoint file of a run: a single process's, or the ranks' and manifests."""
+    names = (CHECKPOINT, PREVIOUS_CHECKPOINT, MANIFEST, PREVIOUS_MANIFEST)
+    found = [run_dir / name for name in names if (run_dir / name).exists()]
+    return found + sorted(run_dir.glob("checkpoint.rank*.safetensors"))
 
 
 def remove_temporaries(run_dir: Path) -> None:
@@ -255,7 +284,7 @@ def discard_failed(run_dir: Path, created: bool, since: float) -> None:
     """After a fit that failed before its first checkpoint: remove the files it wrote (those
     modified at or after ``since``, a ``time.time()``), and the directory if it made it, so
     that the same command can simply be run again; an earlier run's files stay."""
-    if (run_dir / CHECKPOINT).exists() or (run_dir / PREVIOUS_CHECKPOINT).exists():
+    if checkpoint_files(run_dir):
         return
     for name in (CONFIG, RUN, GRID, METRICS):
         path = run_dir / name

@@ -72,15 +72,27 @@ class Residuals:
         self.device = model.device
         self.coords = local_coordinates(config.block, self.d, self.device)
 
-    def scale(self, j: int) -> ScaleTargets:
-        """Stream every block of scale ``j`` once (see the module doc). Deterministic given
-        the coarser scales, so a resumed fit rebuilds it instead of storing it. Memory: the
-        target cache (at most ``cache_targets`` bytes) and one batch of blocks."""
+    def scale(
+        self,
+        j: int,
+        ids: torch.Tensor | None = None,
+        decided: bool = False,
+        cache_targets: bool = True,
+    ) -> ScaleTargets:
+        """Stream every block of scale ``j`` once (see the module doc), or only the sorted
+        block ids ``ids``; ``decided``: they are all live (pruning was decided before, by
+        another pass); ``cache_targets=False``: decide only, never cache. Deterministic
+        given the coarser scales, so a resumed fit rebuilds it instead of storing it.
+        Memory: the target cache (at most ``cache_targets`` bytes) and one batch of
+        blocks."""
         c, layout, model = self.config, self.layout, self.model
-        n, per_block = layout.n_blocks(j), c.block**self.d
+        per_block = c.block**self.d
+        if ids is None:
+            ids = torch.arange(layout.n_blocks(j), device=self.device)
+        n = len(ids)
         live_ids, partial_ids, partial_masks = [], [], []
         cache = None
-        if n * self.channels * per_block * 2 <= c.cache_targets:
+        if cache_targets and n * self.channels * per_block * 2 <= c.cache_targets:
             # room for every block; only the rows written are ever touched (resident)
             cache = torch.empty(
                 (n, self.channels, per_block), dtype=torch.float16, device=self.device
@@ -88,29 +100,32 @@ class Residuals:
         filled = 0
         pruned = MetricSums()
         for start in range(0, n, self.batch_blocks):
-            ids = torch.arange(start, min(start + self.batch_blocks, n), device=self.device)
-            level = self.source.level_blocks(j, layout.unravel(j, ids))
+            batch = ids[start : start + self.batch_blocks]
+            level = self.source.level_blocks(j, layout.unravel(j, batch))
             if j < c.n_scales - 1:
-                base = model.evaluate_blocks(j, ids, from_scale=j + 1)
+                base = model.evaluate_blocks(j, batch, from_scale=j + 1)
             else:
                 base = torch.zeros_like(level)
             residual = level - base
-            mask = layout.valid_mask(j, ids)  # None: no padding at this scale
-            if mask is None:
+            mask = layout.valid_mask(j, batch)  # None: no padding at this scale
+            if decided:
+                live = torch.ones(len(batch), dtype=torch.bool, device=self.device)
+            elif mask is None:
                 live = residual.square().flatten(1).mean(dim=1) > c.prune_mse
             else:  # real samples only; a block wholly in the padding gets no MLP
                 real = mask.flatten(1).sum(dim=1)
                 sse = (residual.square() * mask.unsqueeze(1)).flatten(1).sum(dim=1)
                 live = (sse / (real.clamp(min=1) * self.channels) > c.prune_mse) & (real > 0)
-                partial = live & (real < per_block)
-                partial_ids.append(ids[partial])
+            if mask is not None:
+                partial = live & (mask.flatten(1).sum(dim=1) < per_block)
+                partial_ids.append(batch[partial])
                 partial_masks.append(mask[partial].flatten(1))
-            live_ids.append(ids[live])
+            live_ids.append(batch[live])
             if cache is not None:
                 kept = (level if model.gaussian else residual)[live].flatten(2)
                 cache[filled : filled + len(kept)] = kept
                 filled += len(kept)
-            if j == 0:  # a pruned block's value is the coarser scales' sum
+            if j == 0 and not decided:  # a pruned block's value is the coarser scales' sum
                 dead = ~live
                 dead_mask = None if mask is None else mask[dead]
                 pruned = pruned.add(block_sums(base[dead], level[dead], dead_mask, self.iou))
@@ -119,7 +134,7 @@ class Residuals:
         no_ids = torch.zeros(0, dtype=torch.long, device=self.device)
         no_masks = torch.zeros((0, per_block), dtype=torch.bool, device=self.device)
         return ScaleTargets(
-            torch.cat(live_ids),
+            torch.cat(live_ids) if live_ids else no_ids,
             cache,
             pruned,
             torch.cat(partial_ids) if partial_ids else no_ids,

@@ -21,8 +21,7 @@ For each scale ``j`` from the coarsest (``J - 1``) to the finest (0):
 4. **Switch** scale when every block is frozen, on a plateau of the loss, or at
    ``max_iters``.
 
-Every block's work is independent of the others' (the per-block loss, the per-block freezing),
-so blocks can later be sharded across ranks.
+Blocks are independent (per-block loss and freezing): ranks share them (:mod:`.sharding`).
 """
 
 from __future__ import annotations
@@ -41,12 +40,14 @@ from .bank import BankShape, MLPBank
 from .blocks import BlockLayout, local_coordinates
 from .checkpoint import GENERATOR, MODEL, Checkpoint, prefixed
 from .config import FitConfig
+from .distributed import Team, pick_device
 from .errors import DivergedError, FitInterrupted, MinerError
 from .grid import GridTransform
 from .kinds import Kind, get_kind
 from .memory import return_large_frees
 from .model import MinerModel
 from .scale import ScaleState
+from .sharding import gather_bank, measure, rank_figures, reduce_sums, shard_targets
 from .source import SignalSource
 from .targets import Residuals
 
@@ -63,15 +64,6 @@ class FitResult:
 
 
 Callback = Callable[[dict[str, Any]], None]
-
-
-def pick_device(device: str = "auto") -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; a clear error for CUDA without a GPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise MinerError("CUDA was requested but torch sees no GPU")
-    return torch.device(device)
 
 
 def fit(
@@ -91,6 +83,7 @@ def fit(
     checkpoint_iterations: int = 0,
     resume: Checkpoint | None = None,
     should_stop: Callable[[], bool] | None = None,
+    team: Team | None = None,
 ) -> FitResult:
     """Fit a MINER model to a signal, coarse to fine.
 
@@ -115,6 +108,9 @@ def fit(
         resume: a checkpoint to continue from (same signal and config).
         should_stop: polled every iteration; when it returns True the fit checkpoints and
             raises :class:`FitInterrupted`. The trainer installs no signal handler.
+        team: the ranks sharing the fit (:mod:`miner3d.distributed`); each trains its share
+            of every scale's live blocks and all end with the whole model. Every rank
+            passes the same signal and config; ``checkpoint`` gets each rank's own part.
 
     Returns:
         :class:`FitResult`. Peak memory, per full-resolution sample and channel: the signal
@@ -139,6 +135,7 @@ def fit(
     dev = pick_device(str(device))
     values = (value_scale, value_offset, peak)
     trainer = _Trainer(signal, config, kind, values, transform, dev, callback, meta)
+    trainer.team = team or Team(device=dev)
     trainer.checkpoint = checkpoint
     trainer.checkpoint_seconds = checkpoint_seconds
     trainer.checkpoint_iterations = checkpoint_iterations
@@ -147,15 +144,18 @@ def fit(
 
 
 class _Trainer:
+    checkpoint: Callable[[Checkpoint], None] | None  # these five are set by fit()
+    checkpoint_seconds: float
+    checkpoint_iterations: int
+    should_stop: Callable[[], bool]
+    team: Team
+
     def __init__(self, signal, config, kind, values, transform, device, callback, meta):
         c = self.config = config
         self.kind: Kind = kind
         self.device = device
         self.callback = callback
-        self.checkpoint: Callable[[Checkpoint], None] | None = None
-        self.checkpoint_seconds = 300.0
-        self.checkpoint_iterations = 0
-        self.should_stop: Callable[[], bool] = lambda: False
+        self.own_blocks: dict[int, int] = {}  # this rank's MLP blocks per scale
         self.layout = BlockLayout(tuple(signal.shape[1:]), c.block, c.n_scales)
         self.d = self.layout.ndim
         self.channels = int(signal.shape[0])
@@ -175,12 +175,12 @@ class _Trainer:
             **(meta or {}),
         }
         per_block = self.channels * c.block**self.d
-        self.batch_blocks = c.batch_blocks or max(1, (1 << 20) // per_block)
+        self.batch = c.batch_blocks or max(1, (1 << 20) // per_block)
         gaussian = c.pyramid == "gaussian"
         self.model = MinerModel(
             self.layout, shape, self.channels, transform, gaussian, model_meta, device
         )
-        self.residuals = Residuals(self.model, self.source, c, kind.binary, self.batch_blocks)
+        self.residuals = Residuals(self.model, self.source, c, kind.binary, self.batch)
         self.generator = torch.Generator().manual_seed(c.seed)
         self.coords = local_coordinates(c.block, self.d, device)
         self.history: list[dict[str, Any]] = []
@@ -243,7 +243,7 @@ class _Trainer:
             t0 = time.perf_counter()
             self._fit_scale(j, resume if j == first else None)
             t1 = time.perf_counter()
-            sums = self.model.measure(self.source, j, self.kind.binary, self.batch_blocks)
+            sums = measure(self.model, self.source, self.team, j, self.kind.binary, self.batch)
             self.stage_seconds["measuring"] += time.perf_counter() - t1
             self.scale_metrics[j] = self.kind.metric_fields(sums, self.peak)
             self.scale_times[j] = self.scale_times.get(j, 0.0) + time.perf_counter() - t0
@@ -273,13 +273,16 @@ class _Trainer:
         summary["stop_reason"] = self.stopped or self.scale_stops.get(finest, "done")
         summary["scale_stop_reasons"] = {str(k): v for k, v in self.scale_stops.items()}
         summary["stage_seconds"] = {k: round(v, 3) for k, v in self.stage_seconds.items()}
+        summary["world_size"] = self.team.world_size
+        fitting, own = self.stage_seconds["fitting"], sum(self.own_blocks.values())
+        summary["ranks"] = rank_figures(self.team, fitting, own)
         summary.update(self.scale_metrics[finest])
         self.model.meta["summary"] = summary
         return FitResult(self.model, self.history, summary)
 
     def _init_bank(self, j: int, ids: torch.Tensor) -> MLPBank:
         c = self.config
-        bank = MLPBank.create(self.model.bank_shape, len(ids), self.device, self.generator)
+        bank = MLPBank.for_blocks(self.model.bank_shape, ids, c.seed, j, self.device)
         parent_scale = self.model.scales[j + 1] if j + 1 < c.n_scales else None
         if c.weight_sharing and parent_scale is not None and len(ids):
             rows = self.model.rows_of(j + 1, self.layout.parent(j, ids))
@@ -292,8 +295,9 @@ class _Trainer:
     def _start_scale(self, j: int, resume: Checkpoint | None) -> ScaleState:
         """The state of scale ``j`` at its start, or as a checkpoint left it."""
         c = self.config
-        targets = self.residuals.scale(j)
-        n_live = len(targets.ids)
+        targets = shard_targets(self.residuals, self.team, j)
+        n_live = self.n_live = int(self.team.sum([len(targets.ids)])[0])
+        self.own_blocks[j] = len(targets.ids)
         if resume is not None and resume.state["iteration"] > 0:
             shape = self.model.bank_shape
             st = ScaleState.resume(j, targets, resume, shape, self.device, c.lr)
@@ -320,7 +324,7 @@ class _Trainer:
         self.stage_seconds["setup"] += t_fit - t_setup
         measuring = 0.0
         reason = "max_iters"
-        n_live = len(st.ids)
+        n_live = self.n_live  # over every rank
         params_now = self.model.n_params + n_live * self.model.bank_shape.params_per_block
         n_samples = self.coords.shape[0]
         points = c.points_per_block
@@ -328,53 +332,51 @@ class _Trainer:
             points = max(64, c.iteration_samples // max(1, n_live))
         last_checkpoint = time.perf_counter()
         it = st.iteration
+        active = int(self.team.sum([len(st.active)])[0])  # over every rank
         for it in range(st.iteration + 1, c.max_iters + 1):
-            if len(st.active) == 0:
+            if active == 0:
                 reason = "converged"  # every block pruned or frozen
                 break
             pick = None
-            if 0 < points < n_samples:
+            if 0 < points < n_samples:  # the same samples of every block, on every rank
                 pick = torch.randperm(n_samples, generator=self.generator)[:points]
                 pick = pick.to(self.device)
             block_mse = st.step(self.residuals, self.coords, pick, c.batch_samples)
             st.opt.lr = st.lr * c.lr_decay ** (it - 1)
             st.opt.step()
-            loss = (st.frozen_mse + float(block_mse.sum())) / max(n_live, 1)
+            loss = st.frozen_mse + float(block_mse.sum())
+            if it % c.freeze_every == 0 and math.isfinite(loss):
+                st.freeze(block_mse, c.freeze_mse, self.residuals)
+            every = self.checkpoint_iterations
+            due = time.perf_counter() - last_checkpoint > self.checkpoint_seconds
+            over = bool(c.time_limit) and time.perf_counter() - self.start > c.time_limit
+            # one collective an iteration: every rank takes the same decisions
+            loss, active, stop, due, over = self.team.sum(
+                [loss, len(st.active), self.should_stop(), due, over]
+            )
+            loss, active = loss / max(n_live, 1), int(active)
             if not math.isfinite(loss):
                 raise DivergedError(
                     f"the loss became {loss} at scale {j}, iteration {it} (learning rate "
                     f"{st.opt.lr:.3g} at that iteration)"
                 )
-            if it % c.freeze_every == 0:
-                st.freeze(block_mse, c.freeze_mse, self.residuals)
             record = None
             if j == 0 and c.metric_every and it % c.metric_every == 0:
                 t_measure = time.perf_counter()
-                record = self.kind.metric_fields(st.live_metrics(self.residuals), self.peak)
+                sums = reduce_sums(self.team, st.live_metrics(self.residuals))
+                record = self.kind.metric_fields(sums, self.peak)
                 measuring += time.perf_counter() - t_measure
             if record is not None or it % 50 == 0 or it == 1:
-                self._log(
-                    {
-                        "event": "iteration",
-                        "scale": j,
-                        "iteration": it,
-                        "loss": loss,
-                        "live_blocks": len(st.active),
-                        "mlp_blocks": n_live,
-                        "params": params_now,
-                        **(record or {}),
-                    }
-                )
+                head = {"event": "iteration", "scale": j, "iteration": it, "loss": loss}
+                sizes = {"live_blocks": active, "mlp_blocks": n_live, "params": params_now}
+                self._log(head | sizes | (record or {}))
             st.iteration = it
-            stop = self.should_stop()
-            every = self.checkpoint_iterations
-            due = time.perf_counter() - last_checkpoint > self.checkpoint_seconds
             if stop or due or (every and it % every == 0):
                 self._save(j, st)
                 last_checkpoint = time.perf_counter()
                 if stop:
                     raise FitInterrupted(f"interrupted at scale {j}, iteration {it}")
-            if c.time_limit and time.perf_counter() - self.start > c.time_limit:
+            if over:
                 self.stopped = reason = "time_limit"
                 break
             if c.target and record is not None and record[self.kind.metric] >= c.target:
@@ -388,7 +390,7 @@ class _Trainer:
                     reason = "plateau"
                     break
                 st.window_loss = loss
-        self.model.set_scale(j, st.ids, st.bank())
+        self.model.set_scale(j, *gather_bank(self.team, st.ids, st.bank()))
         self.scale_stops[j] = reason
         self.stage_seconds["measuring"] += measuring
         self.stage_seconds["fitting"] += time.perf_counter() - t_fit - measuring

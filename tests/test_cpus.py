@@ -36,4 +36,4 @@ def test_a_fit_pinned_to_one_cpu_uses_one_thread(tmp_path, meshes_dir):
     cmd += [str(meshes_dir / "teapot.obj"), "-r", "32", "--iters", "20", "-o", str(tmp_path / "r")]
     done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert "1 threads of 1 usable CPUs" in done.stdout
+    assert "1 thread of 1 usable CPUs" in done.stdout
