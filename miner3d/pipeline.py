@@ -142,14 +142,13 @@ def run(
 
     t_start = time.perf_counter()
     previous = 0.0 if ckpt is None else float(ckpt.state.get("elapsed", 0.0))
-    threads = ""
+    threads, n = "", 0
     if device.type == "cpu":
         from .memory import usable_cpus
 
         usable = usable_cpus()
-        if torch.get_num_threads() > usable:  # more oversubscribe (BENCHMARKS.md: 4.8x slower)
-            torch.set_num_threads(usable)
-        n = torch.get_num_threads()
+        n = min(torch.get_num_threads(), usable)  # more oversubscribe (BENCHMARKS.md)
+        torch.set_num_threads(n)
         threads = f", {n} thread{'s' * (n > 1)} of {usable} usable CPUs"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()
     if banner is not None:
@@ -180,6 +179,11 @@ def run(
             )
 
         sig = team.in_turn(read)
+    if device.type == "cpu" and torch.get_num_threads() != n:
+        # numba's parallel voxelizer sets OpenMP's thread count, which torch's follows, to
+        # every CPU: two torchrun ranks of OMP_NUM_THREADS=1 then trained on two threads
+        # each, 2.4x slower (BENCHMARKS.md)
+        torch.set_num_threads(n)
     load_seconds = time.perf_counter() - t0
     _preflight(sig, cfg, max_memory)
     writes = run_dir is not None and team.leader

@@ -71,7 +71,8 @@ SUMMARY_KEYS: dict[str, str] = {
     "(quality measurements: live during scale 0, full-grid at each scale's end)} of this "
     "session; with seconds_load and seconds_outputs, where the time went",
     "world_size": "processes that fitted together (torchrun ranks; 1 for one process)",
-    "ranks": "[{rank, host, seconds_fitting, mlp_blocks (its share, all scales), "
+    "ranks": "[{rank, host, seconds_fitting, mlp_blocks (its share of the scales fitted in "
+    "this session), "
     "peak_rss_bytes (at the fit's end)}], one per rank",
     "params": "parameters of every MLP of the model",
     "scale_seconds": "{scale: seconds spent fitting it}",

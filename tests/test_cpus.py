@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -37,3 +38,19 @@ def test_a_fit_pinned_to_one_cpu_uses_one_thread(tmp_path, meshes_dir):
     done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "1 thread of 1 usable CPUs" in done.stdout
+
+
+@pytest.mark.slow
+def test_the_voxelizer_does_not_raise_the_fits_thread_count(meshes_dir):
+    """torch follows OpenMP's thread count until told one, and numba's parallel voxelizer
+    raises OpenMP's to every CPU: a fit asked for one thread (torchrun's OMP_NUM_THREADS=1)
+    must keep one through voxelizing."""
+    child = (
+        "import torch, miner3d\n"
+        f"miner3d.fit({str(meshes_dir / 'lucy.ply')!r}, resolution=96, max_iters=3)\n"
+        "print(torch.get_num_threads())\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-1] == "1"

@@ -131,3 +131,11 @@ def test_bench_bank_and_volume_scripts():
     assert "GFLOP/s" in out and out.count("% |") == 3
     out = _run("scripts/bench_volume.py", "--size", "24", "--lucy", "32")
     assert out.count(" dB | ") == 4
+
+
+def test_rank_scripts(tmp_path):
+    out = _run("scripts/plan_ranks.py", "--resolution", "48")
+    assert "| ranks | predicted fit s | speed-up |" in out and "| 256 |" in out
+    assert "| 0 | 2 | " in out and "| 2 | 256 | " in out
+    out = _run("scripts/bench_ranks.py", "--resolution", "48", "--set", "fit.max_iters=30")
+    assert "| 1 process, 2 threads |" in out and "| 2 ranks, 1 thread each |" in out

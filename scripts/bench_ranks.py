@@ -1,0 +1,95 @@
+"""Benchmark: one process with N threads against ``torchrun --nproc_per_node N`` ranks of one
+thread each, on the same input and flags (issue 15). Prints, per run, the fit's time to each
+quality threshold, its fitting and total seconds, and each rank's fitting seconds, blocks and
+peak RSS, from ``summary.json``. Runs one after the other, never side by side.
+
+    python scripts/bench_ranks.py --mesh meshes/lucy.ply --resolution 512 --target 0.999
+    python scripts/bench_ranks.py --image astronaut-16mp --target 35
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def run(cmd: list[str], env: dict[str, str], out: Path) -> dict:
+    start = time.perf_counter()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
+    summary = json.loads((out / "summary.json").read_text())
+    summary["wall"] = wall
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mesh", default=str(ROOT / "meshes" / "lucy.ply"))
+    parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument("--image", help="a path, or astronaut-4mp / astronaut-16mp")
+    parser.add_argument("--target", type=float, help="stop at this IoU / PSNR")
+    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--set", action="append", default=[], help="extra --set field=value")
+    args = parser.parse_args()
+    if args.image:
+        from bench_fit import _image
+
+        source = [str(_image(args.image))]
+    else:
+        source = [args.mesh, "--resolution", str(args.resolution)]
+    flags = [f"--set={s}" for s in args.set]
+    if args.target is not None:
+        flags += ["--target", str(args.target)]
+    work = Path(tempfile.mkdtemp(prefix="bench-ranks-"))
+    env = {**os.environ}
+    if sys.platform.startswith("linux"):
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    n = args.ranks
+    one = [sys.executable, "-m", "miner3d", "fit", *source, *flags, "--threads", str(n), "-q"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    many = [*torchrun, "--nproc_per_node", str(n), "-m", "miner3d", "fit", *source, *flags, "-q"]
+    results = {
+        f"1 process, {n} threads": run([*one, "-o", str(work / "one")], env, work / "one"),
+        f"{n} ranks, 1 thread each": run(
+            [*many, "-o", str(work / "many")], {**env, "OMP_NUM_THREADS": "1"}, work / "many"
+        ),
+    }
+    print(
+        f"# {platform.machine()}, {os.cpu_count()} CPUs; input: {' '.join(source)} "
+        f"{' '.join(flags)}"
+    )
+    metric = "psnr" if args.image else "iou"
+    thresholds = list(next(iter(results.values()))[f"seconds_to_{metric}"])
+    head = " | ".join(f"s to {metric} {t}" for t in thresholds)
+    ranks = "ranks: fitting s, blocks, peak RSS"
+    print(f"| run | {head} | final {metric} | fitting s | whole s | {ranks} |")
+    print("|---|" + "---|" * (len(thresholds) + 4))
+    for label, s in results.items():
+        reached = " | ".join(
+            "not reached" if v is None else f"{v:.1f}" for v in s[f"seconds_to_{metric}"].values()
+        )
+        ranks = "; ".join(
+            f"{r['seconds_fitting']:.1f} s, {r['mlp_blocks']:,}, "
+            f"{r['peak_rss_bytes'] / 2**30:.2f} GiB"
+            for r in s["ranks"]
+        )
+        print(
+            f"| {label} | {reached} | {s[metric]:.5g} | {s['seconds_fit']:.1f} | "
+            f"{s['wall']:.1f} | {ranks} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

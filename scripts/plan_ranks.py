@@ -1,0 +1,240 @@
+"""Scaling on paper (issue 15): how a fit's real work would split over 2 to 256 ranks.
+
+One single-process fit runs here, instrumented: for every block of every scale it records how
+many iterations the block trained (a block leaves when it freezes), and it times the parts of
+each scale's set-up that ranks share (streaming targets) apart from the part every rank
+repeats (decoding the coarser scales' dense fields). From that real layout, for each world
+size ``W``, with the trainer's partition (an even, contiguous share of each scale's live
+blocks per rank):
+
+* **balance**: max/mean over ranks of live blocks, and of block-iterations (the samples a
+  rank pushes through its MLPs over the scale; every live block draws the same samples per
+  iteration);
+* **bytes exchanged** per scale, summed over ranks: the all-gather of the pruning decisions
+  (8-byte ids, padded to the largest share), the all-gather of the trained banks (float32
+  parameters and ids, padded), one all-reduce of five float64 a iteration and six per
+  quality measurement;
+* **predicted speed-up** ``T(1) / T(W)``, with ``T(W) = sum over scales of [fitting x (max
+  rank block-iterations / all block-iterations) + (shared set-up + measuring) / W +
+  repeated set-up + iterations x latency x ceil(log2 W) + bytes / bandwidth]``; latency and
+  bandwidth are arguments (defaults: this machine's measured gloo loopback all-reduce of
+  0.35 ms, and 1 GB/s).
+
+``--image gen108`` plans the image preset's layout of a 108 MP RGB picture (12000 x 9000)
+with every block live (a photo with detail everywhere keeps them all); it is not fitted here
+(about 10 GB and an hour on two cores), so every block is taken to train every iteration and
+no time is predicted.
+
+    python scripts/plan_ranks.py --resolution 1024          # Lucy, fitted here first
+    python scripts/plan_ranks.py --image gen108
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import miner3d
+from miner3d import train
+from miner3d.distributed import split_even
+from miner3d.metrics import time_to
+from miner3d.model import MinerModel
+from miner3d.scale import ScaleState
+from miner3d.targets import Residuals
+from miner3d.train import fit
+
+ROOT = Path(__file__).resolve().parents[1]
+WORLDS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Recorder:
+    """Per-block trained iterations and set-up times of one fit, by monkeypatching."""
+
+    def __init__(self):
+        self.iterations: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # scale -> ids, counts
+        self.steps: dict[int, int] = {}
+        self.shared: dict[int, float] = {}
+        self.repeated: dict[int, float] = {}
+        self.measuring: dict[int, float] = {}
+        recorder = self
+        step, scale, field = ScaleState.step, Residuals.scale, MinerModel.residual_field
+        live, measure = ScaleState.live_metrics, train.measure
+
+        def counting_step(self, *args, **kwargs):
+            if self.scale not in recorder.iterations:  # the first step: every live block
+                ids = self.ids.cpu().numpy()
+                recorder.iterations[self.scale] = (ids, np.zeros(len(ids)))
+            recorder.iterations[self.scale][1][self.active.cpu().numpy()] += 1
+            recorder.steps[self.scale] = recorder.steps.get(self.scale, 0) + 1
+            return step(self, *args, **kwargs)
+
+        def timed_scale(self, j, *args, **kwargs):
+            before = recorder.repeated.get(j, 0.0)
+            t = time.perf_counter()
+            out = scale(self, j, *args, **kwargs)
+            spent = time.perf_counter() - t - (recorder.repeated.get(j, 0.0) - before)
+            recorder.shared[j] = recorder.shared.get(j, 0.0) + spent  # without decoding
+            return out
+
+        def timed_live(self, *args, **kwargs):
+            t = time.perf_counter()
+            out = live(self, *args, **kwargs)
+            add(recorder.measuring, self.scale, time.perf_counter() - t)
+            return out
+
+        def timed_measure(model, source, team, j, *args, **kwargs):
+            t = time.perf_counter()
+            out = measure(model, source, team, j, *args, **kwargs)
+            add(recorder.measuring, j, time.perf_counter() - t)
+            return out
+
+        def timed_field(self, k, *args, **kwargs):
+            cold = k not in self._dense
+            t = time.perf_counter()
+            out = field(self, k, *args, **kwargs)
+            if cold:  # decoded now: every rank would do it (charged to the next finer scale)
+                recorder.repeated[k - 1] = recorder.repeated.get(k - 1, 0.0) + (
+                    time.perf_counter() - t
+                )
+            return out
+
+        ScaleState.step, Residuals.scale, MinerModel.residual_field = (
+            counting_step,
+            timed_scale,
+            timed_field,
+        )
+        ScaleState.live_metrics, train.measure = timed_live, timed_measure
+
+
+def add(table: dict[int, float], key: int, seconds: float) -> None:
+    table[key] = table.get(key, 0.0) + seconds
+
+
+def fitted_layout(args) -> tuple[dict, dict, dict]:
+    """Fit Lucy here and return per-scale figures."""
+    rec = Recorder()
+    grid = miner3d.voxelize(args.mesh, args.resolution)
+    config = miner3d.effective_config(args.mesh, overrides={"resolution": args.resolution}).fit
+    result = fit(grid.occupancy[None], config, kind="occupancy", device="cpu")
+    times = {int(k): v for k, v in result.summary["scale_seconds"].items()}
+    model = result.model
+    scales = {}
+    for j, (ids, work) in rec.iterations.items():
+        other = rec.shared.get(j, 0.0) + rec.repeated.get(j, 0.0) + rec.measuring.get(j, 0.0)
+        scales[j] = {
+            "n_blocks": model.layout.n_blocks(j),
+            "ids": ids,
+            "work": work,
+            "iterations": rec.steps[j],
+            "fitting": max(0.0, times[j] - other),
+            "shared": rec.shared.get(j, 0.0),
+            "repeated": rec.repeated.get(j, 0.0),
+            "measuring": rec.measuring.get(j, 0.0),
+        }
+    figures = {
+        "params_per_block": model.bank_shape.params_per_block,
+        "measurements": 1 + rec.steps.get(0, 0) // max(1, config.metric_every),
+        "seconds": result.summary["seconds"],
+        "what": f"Lucy {'x'.join(map(str, grid.shape))}, cpu preset, fitted here "
+        f"(final IoU {result.summary['iou']:.5f} at {result.summary['seconds']:.0f} s; IoU 0.999 "
+        f"at {time_to(result.history, 'iou', (0.999,))['0.999']} s, instrumented)",
+    }
+    return scales, figures, result.summary
+
+
+def image_layout(args) -> tuple[dict, dict, None]:
+    """The image preset's layout of a 12000 x 9000 RGB picture: every block live."""
+    config = miner3d.effective_config("x.png").fit
+    from miner3d.bank import BankShape
+    from miner3d.blocks import BlockLayout
+
+    layout = BlockLayout((9000, 12000), config.block, config.n_scales)
+    shape = BankShape(2, config.hidden, config.hidden_layers, 3, config.w0)
+    scales = {}
+    for j in range(config.n_scales):
+        n = layout.n_blocks(j)
+        iters = config.max_iters
+        scales[j] = {
+            "n_blocks": n,
+            "ids": np.arange(n),
+            "work": np.full(n, float(iters)),
+            "iterations": iters,
+            "fitting": None,
+            "shared": None,
+            "repeated": None,
+            "measuring": None,
+        }
+    figures = {
+        "params_per_block": shape.params_per_block,
+        "measurements": 1 + config.max_iters // max(1, config.metric_every),
+        "seconds": None,
+        "what": "a 12000 x 9000 RGB image (108 MP), image preset, every block live",
+    }
+    return scales, figures, None
+
+
+def plan(scales: dict, figures: dict, latency: float, bandwidth: float) -> None:
+    ppb = figures["params_per_block"]
+    print(f"# {figures['what']}; {platform.machine()}")
+    print("\n| scale | W | live blocks max/mean | block-iterations max/mean | MB exchanged |")
+    print("|---|---|---|---|---|")
+    predicted = {}
+    for w in WORLDS:
+        total = 0.0
+        for j in sorted(scales, reverse=True):
+            s = scales[j]
+            ids, work = s["ids"], s["work"]
+            shares = [split_even(len(ids), w, r) for r in range(w)]
+            blocks = np.array([b - a for a, b in shares], dtype=np.float64)
+            load = np.array([work[a:b].sum() for a, b in shares])
+            first = [split_even(s["n_blocks"], w, r) for r in range(w)]
+            decided = max(int(((ids >= a) & (ids < b)).sum()) for a, b in first)
+            if w == 1:
+                exchanged = 0.0
+            else:
+                gathered = w * (decided * 8 + blocks.max() * (ppb * 4 + 8))  # per rank
+                reduced = (s["iterations"] * 5 + figures["measurements"] * 6) * 8
+                exchanged = w * (gathered + 2 * reduced)
+            balance_b = blocks.max() / blocks.mean() if blocks.mean() else 1.0
+            balance_w = load.max() / load.mean() if load.mean() else 1.0
+            if w in (2, 8, 64, 256):
+                print(f"| {j} | {w} | {balance_b:.3f} | {balance_w:.3f} | {exchanged / 1e6:,.1f} |")
+            if s["fitting"] is not None:
+                total += (
+                    s["fitting"] * (load.max() / load.sum())
+                    + (s["shared"] + s["measuring"]) / w
+                    + s["repeated"]
+                    + s["iterations"] * latency * math.ceil(math.log2(w))
+                    + exchanged / w / bandwidth
+                )
+        if figures["seconds"] is not None:
+            predicted[w] = total
+    if predicted:
+        print(f"\n1 process measured: {figures['seconds']:.1f} s of fitting")
+        print("\n| ranks | predicted fit s | speed-up |")
+        print("|---|---|---|")
+        for w, t in predicted.items():
+            print(f"| {w} | {t:.1f} | {predicted[1] / t:.1f}x |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mesh", default=str(ROOT / "meshes" / "lucy.ply"))
+    parser.add_argument("--resolution", type=int, default=1024)
+    parser.add_argument("--image", choices=["gen108"], help="plan a 108 MP image instead")
+    parser.add_argument("--latency", type=float, default=0.35e-3, help="all-reduce seconds")
+    parser.add_argument("--bandwidth", type=float, default=1e9, help="bytes/s per rank")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    scales, figures, _ = image_layout(args) if args.image else fitted_layout(args)
+    plan(scales, figures, args.latency, args.bandwidth)
+
+
+if __name__ == "__main__":
+    main()
