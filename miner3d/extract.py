@@ -140,19 +140,50 @@ def marching_cubes(
     return vertices, faces
 
 
+FACE_BYTES = 280
+"""Peak bytes per triangle of :func:`marching_cubes`'s outputs and their temporaries
+(skimage's lists, float64 vertices, int64 faces, welding, orientation; measured 270 to 370
+on Lucy's own grids)."""
+POINT_BYTES = 200
+"""Peak bytes per query point of a slab at another resolution (float64 positions, the
+neighbours' indices and weights, values; measured 190 to 240)."""
+
+
+def predicted_faces(model: MinerModel, scale: int = 0, resolution: int | None = None) -> int:
+    """Triangles marching cubes will make at level of detail ``scale`` (at ``resolution``
+    voxels along the longest axis, or on the scale's own grid). Occupancy: the surface
+    crosses the blocks that kept an MLP, about 2.7 triangles per sample of a block's face
+    (``2.7 * mlp_blocks * b^2``, measured 2.6 to 2.8 on Lucy at 128 and 256), scaled by the
+    square of the resolution; the finest scale with MLPs stands in for one without. Other
+    kinds (a level surface of a volume): as if it were the grid's bounding box."""
+    layout = model.layout
+    own = max(layout.valid_shape(scale))
+    ratio = (resolution or own) / own
+    if model.kind != "occupancy":
+        area = sum(math.prod(layout.valid_shape(scale)) / n for n in layout.valid_shape(scale))
+        return int(2 * 2 * area * ratio**2)
+    for k in range(scale, layout.n_scales):
+        if model.mlp_blocks(k):
+            samples = model.mlp_blocks(k) * (layout.block << (k - scale)) ** 2
+            return int(2.7 * samples * ratio**2)
+    return 0
+
+
 def mesh_bytes(model: MinerModel, scale: int = 0, resolution: int | None = None) -> int:
     """Estimated peak bytes of :func:`marching_cubes` above the loaded model: the coarse
     fields, two layers of decoded blocks (own grid; four with marching cubes' own buffers) or
-    one slab of 17 planes of query points (another resolution: float64 points, values and the
-    query's temporaries, ~160 bytes a point), and 128 MiB of fixed overhead. The mesh itself is
-    not counted (it depends on the surface). Measured peak RSS increase: 1.07x this at 512^3
-    (786k triangles), 0.65x at 384^3 (the fixed term dominates there)."""
+    one slab of 17 planes of query points (another resolution, :data:`POINT_BYTES` each),
+    and the mesh (:func:`predicted_faces` at :data:`FACE_BYTES`), plus 16 MiB. Measured peak
+    RSS increase against this, Lucy fitted at 128 and 256 (``tests/test_memory_estimates.py``
+    checks 384 and 640 within 25 %): 0.92 to 1.11 from 384 to 640 voxels; on the 128 model's
+    own grid 0.5 (16 MiB of 30), where the fixed term dominates."""
     layout = model.layout
     if resolution is None:
         slab = 4 * layout.block * math.prod(layout.scale_shape(scale)[1:]) * 4
     else:
-        slab = 17 * math.prod(resample_transform(layout.shape, resolution).shape[1:]) * 160
-    return model.field_bytes() + slab + (128 << 20)
+        slab = 17 * math.prod(resample_transform(layout.shape, resolution).shape[1:]) * POINT_BYTES
+    mesh = predicted_faces(model, scale, resolution) * FACE_BYTES
+    return model.field_bytes() + slab + mesh + (16 << 20)
 
 
 def image_bytes(

@@ -28,6 +28,8 @@ def _assert_within_a_quarter(child: str, *args) -> None:
         [sys.executable, "-c", child, *map(str, args)], capture_output=True, text=True, check=True
     )
     figures = json.loads(out.stdout.strip().splitlines()[-1])
+    peak, estimate = figures["peak"] / 2**30, figures["estimate"] / 2**30
+    print(f"{args}: peak {peak:.2f} GiB, estimate {estimate:.2f} GiB")  # shown with -s
     assert 0.75 <= figures["peak"] / figures["estimate"] <= 1.25, figures
 
 
@@ -51,7 +53,7 @@ print(json.dumps({"peak": peak_rss() - base, "estimate": estimate}))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("resolution", [640, 800])  # about 0.5 and 1 GiB
+@pytest.mark.parametrize("resolution", [800, 900])  # about 1 and 1.4 GiB
 def test_voxelize_estimate_is_within_a_quarter_of_the_measured_peak(meshes_dir, resolution):
     _assert_within_a_quarter(CHILD, meshes_dir / "lucy.ply", resolution)
 
@@ -108,7 +110,7 @@ print(json.dumps({"peak": peak_rss() - base + data.nbytes, "estimate": estimate}
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("what", "size"),
-    [("lucy", 640), ("lucy", 768), ("image", 4096)],  # below and above 2^26 samples; ~0.8 GiB
+    [("lucy", 768), ("lucy", 896), ("image", 4096)],  # below and above 2^26 samples; ~1 GiB
 )
 def test_fit_estimate_is_within_a_quarter_of_the_measured_peak(meshes_dir, what, size):
     source = str(meshes_dir / "lucy.ply") if what == "lucy" else what
@@ -140,3 +142,35 @@ print(json.dumps({"peak": peak_rss() - base, "estimate": image_bytes(model, 0, (
 @pytest.mark.parametrize("side", [4096, 8192])
 def test_render_estimate_is_within_a_quarter_of_the_measured_peak(side):
     _assert_within_a_quarter(RENDER_CHILD, side)
+
+
+MESH_CHILD = (
+    MEASURE
+    + r"""
+import json, sys
+from miner3d.extract import marching_cubes, mesh_bytes
+from miner3d.memory import peak_rss
+from miner3d.model import MinerModel
+
+
+model = MinerModel.load(sys.argv[1])
+marching_cubes(model, 2)  # the imports and skimage, before the measurement
+resolution = int(sys.argv[2])
+base = measure_from_now()
+marching_cubes(model, 0, resolution=resolution)
+print(json.dumps({"peak": peak_rss() - base, "estimate": mesh_bytes(model, 0, resolution)}))
+"""
+)
+
+
+@pytest.fixture(scope="module")
+def lucy_model(tmp_path_factory, meshes_dir):
+    run = tmp_path_factory.mktemp("lucy128")
+    miner3d.fit(meshes_dir / "lucy.ply", resolution=128, output=run / "run", force=True)
+    return run / "run" / "model.safetensors"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("resolution", [384, 640])  # about 0.3 and 0.85 GB, mesh included
+def test_mesh_estimate_is_within_a_quarter_of_the_measured_peak(lucy_model, resolution):
+    _assert_within_a_quarter(MESH_CHILD, lucy_model, resolution)
