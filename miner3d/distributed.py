@@ -152,6 +152,17 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def lost_rank(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective that failed because another rank went away (gloo
+    raises plain ``RuntimeError``s naming itself; NCCL and timeouts ``DistError``s)."""
+    if isinstance(exc, torch.distributed.DistError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(
+        mark in text for mark in ("gloo", "Gloo", "NCCL", "Connection closed", "Timed out")
+    )
+
+
 def launched() -> bool:
     """Whether this process was started by torchrun (or another launcher) with more than
     one rank."""

@@ -21,7 +21,7 @@ import numpy as np
 from . import rundir
 from .checkpoint import Checkpoint
 from .config import RunConfig
-from .distributed import Team
+from .distributed import Team, lost_rank
 from .errors import DivergedError, FitInterrupted, MinerError
 from .grid import OccupancyGrid
 from .io import file_sha256
@@ -242,8 +242,8 @@ def run(
         error = FitInterrupted(f"{name}: {exc}{where if run_dir else ''}")
         error.exit_code = 128 + flag.signum if flag.signum else 130
         raise error from None
-    except RuntimeError:
-        if not team.active:
+    except RuntimeError as exc:
+        if not team.active or not lost_rank(exc):
             raise
         again = (
             f"; its last checkpoint is kept: torchrun --nproc_per_node {team.world_size} "

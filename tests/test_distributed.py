@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 import miner3d
 from miner3d.bank import BankShape, MLPBank, block_uniform
-from miner3d.distributed import Team, split_even
+from miner3d.distributed import Team, lost_rank, split_even
 
 # a stand-in for `miner3d`: SIGKILL rank KILL_RANK when it starts scale 0's iteration KILL_AT
 KILLER = r"""
@@ -105,6 +105,14 @@ def test_even_split_covers_every_item_once():
             assert all(a[1] == b[0] for a, b in itertools.pairwise(runs))
             assert max(b - a for a, b in runs) - min(b - a for a, b in runs) <= 1
     assert Team().sum([1.5, 2]) == [1.5, 2] and Team().gather_text("x") == ["x"]
+
+
+def test_only_a_failed_collective_reads_as_a_lost_rank():
+    gloo = "[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer"
+    assert lost_rank(RuntimeError(gloo))
+    assert lost_rank(torch.distributed.DistBackendError("NCCL error"))
+    assert not lost_rank(RuntimeError("The size of tensor a (3) must match the size of b (4)"))
+    assert not lost_rank(ValueError("gloo"))
 
 
 def _model_tensors(run: Path) -> dict[str, torch.Tensor]:
