@@ -149,14 +149,16 @@ POINT_BYTES = 200
 neighbours' indices and weights, values; measured 190 to 240)."""
 
 
-def predicted_faces(model: MinerModel, scale: int = 0, resolution: int | None = None) -> int:
+def predicted_faces(model: MinerModel, scale: float = 0, resolution: int | None = None) -> int:
     """Triangles marching cubes will make at level of detail ``scale`` (at ``resolution``
     voxels along the longest axis, or on the scale's own grid). Occupancy: the surface
     crosses the blocks that kept an MLP, about 2.7 triangles per sample of a block's face
     (``2.7 * mlp_blocks * b^2``, measured 2.6 to 2.8 on Lucy at 128 and 256), scaled by the
     square of the resolution; the finest scale with MLPs stands in for one without. Other
-    kinds (a level surface of a volume): as if it were the grid's bounding box."""
+    kinds (a level surface of a volume): as if it were the grid's bounding box. A fractional
+    level counts as the finer one it blends."""
     layout = model.layout
+    scale = int(scale)
     own = max(layout.valid_shape(scale))
     ratio = (resolution or own) / own
     if model.kind != "occupancy":
@@ -169,7 +171,7 @@ def predicted_faces(model: MinerModel, scale: int = 0, resolution: int | None = 
     return 0
 
 
-def mesh_bytes(model: MinerModel, scale: int = 0, resolution: int | None = None) -> int:
+def mesh_bytes(model: MinerModel, scale: float = 0, resolution: int | None = None) -> int:
     """Estimated peak bytes of :func:`marching_cubes` above the loaded model: the coarse
     fields, two layers of decoded blocks (own grid; four with marching cubes' own buffers) or
     one slab of 17 planes of query points (another resolution, :data:`POINT_BYTES` each),
