@@ -182,7 +182,7 @@ def resume(
             raise MinerError(f"a resumed run may change only {names}; not {key}")
     if not run_dir.is_dir():
         raise MinerError(f"{run_dir} is not a miner3d run directory")
-    info = rundir.read_run(run_dir)
+    rundir.read_run(run_dir)  # not a run: its own error, before its config is read
     cfg = build_config(config_file=run_dir / rundir.CONFIG, overrides=values)
     team, device = join(pick_device(cfg.device))
     if not team.leader:

@@ -264,9 +264,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
                 **common,
             )
     except RuntimeError as exc:  # torchrun: a collective failed, another rank went away
-        from .distributed import lost_rank
+        from .distributed import launched, lost_rank
 
-        if int(os.environ.get("WORLD_SIZE", "1")) == 1 or not lost_rank(exc):
+        if not launched() or not lost_rank(exc):
             raise
         raise MinerError(f"another rank failed or was killed: {first_line(exc)}") from None
     finally:

@@ -92,15 +92,6 @@ class Team:
         torch.distributed.broadcast(buf, 0)
         return bytes(buf[: int(size)].cpu().tolist()).decode(errors="replace")
 
-    def broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Rank 0's ``tensor`` (same shape and dtype on every rank) on every rank, in place."""
-        if self.active:
-            moved = tensor.to(self.device)
-            torch.distributed.broadcast(moved, 0)
-            if moved is not tensor:
-                tensor.copy_(moved)
-        return tensor
-
     def gather_text(self, text: str, size: int = 64) -> list[str]:
         """Every rank's ``text`` (UTF-8, cut to ``size`` bytes), in rank order."""
         if not self.active:
@@ -137,10 +128,6 @@ class Team:
         if failed:
             raise MinerError(failed)
         return action(False)
-
-    def barrier(self) -> None:
-        if self.active:
-            torch.distributed.barrier()
 
 
 def pick_device(device: str = "auto") -> torch.device:

@@ -27,7 +27,7 @@ def shard_targets(residuals: Residuals, team: Team, j: int) -> ScaleTargets:
         return residuals.scale(j)
     lo, hi = split_even(residuals.layout.n_blocks(j), team.world_size, team.rank)
     ids = torch.arange(lo, hi, device=residuals.device)
-    decided = residuals.scale(j, ids, cache_targets=False)
+    decided = residuals.scale(j, ids, keep_targets=False)
     live = team.gather_rows(decided.ids)
     lo, hi = split_even(len(live), team.world_size, team.rank)
     targets = residuals.scale(j, live[lo:hi], decided=True)

@@ -21,7 +21,14 @@ from pathlib import Path
 from .checkpoint import Checkpoint, load_checkpoint
 from .distributed import Team
 from .errors import MinerError
-from .rundir import MANIFEST, PREVIOUS_MANIFEST, save_run_checkpoint, shard_names, write_json
+from .rundir import (
+    CHECKPOINT,
+    MANIFEST,
+    PREVIOUS_MANIFEST,
+    save_run_checkpoint,
+    shard_names,
+    write_json,
+)
 
 FORMAT = "miner3d-checkpoint-manifest"
 
@@ -67,7 +74,7 @@ def load_rank_checkpoint(run_dir: Path, team: Team) -> tuple[Checkpoint | None, 
     notes: list[str] = []
     names = [n for n in (MANIFEST, PREVIOUS_MANIFEST) if (run_dir / n).exists()]
     if not names:
-        if (run_dir / "checkpoint.safetensors").exists():
+        if (run_dir / CHECKPOINT).exists():
             raise MinerError(
                 f"{run_dir} was checkpointed by one process: resume it without torchrun"
             )

@@ -77,11 +77,11 @@ class Residuals:
         j: int,
         ids: torch.Tensor | None = None,
         decided: bool = False,
-        cache_targets: bool = True,
+        keep_targets: bool = True,
     ) -> ScaleTargets:
         """Stream every block of scale ``j`` once (see the module doc), or only the sorted
         block ids ``ids``; ``decided``: they are all live (pruning was decided before, by
-        another pass); ``cache_targets=False``: decide only, never cache. Deterministic
+        another pass); ``keep_targets=False``: decide only, never cache. Deterministic
         given the coarser scales, so a resumed fit rebuilds it instead of storing it.
         Memory: the target cache (at most ``cache_targets`` bytes) and one batch of
         blocks."""
@@ -92,7 +92,7 @@ class Residuals:
         n = len(ids)
         live_ids, partial_ids, partial_masks = [], [], []
         cache = None
-        if cache_targets and n * self.channels * per_block * 2 <= c.cache_targets:
+        if keep_targets and n * self.channels * per_block * 2 <= c.cache_targets:
             # room for every block; only the rows written are ever touched (resident)
             cache = torch.empty(
                 (n, self.channels, per_block), dtype=torch.float16, device=self.device
@@ -108,16 +108,16 @@ class Residuals:
                 base = torch.zeros_like(level)
             residual = level - base
             mask = layout.valid_mask(j, batch)  # None: no padding at this scale
+            real = None if mask is None else mask.flatten(1).sum(dim=1)
             if decided:
                 live = torch.ones(len(batch), dtype=torch.bool, device=self.device)
             elif mask is None:
                 live = residual.square().flatten(1).mean(dim=1) > c.prune_mse
             else:  # real samples only; a block wholly in the padding gets no MLP
-                real = mask.flatten(1).sum(dim=1)
                 sse = (residual.square() * mask.unsqueeze(1)).flatten(1).sum(dim=1)
                 live = (sse / (real.clamp(min=1) * self.channels) > c.prune_mse) & (real > 0)
             if mask is not None:
-                partial = live & (mask.flatten(1).sum(dim=1) < per_block)
+                partial = live & (real < per_block)
                 partial_ids.append(batch[partial])
                 partial_masks.append(mask[partial].flatten(1))
             live_ids.append(batch[live])
