@@ -91,6 +91,12 @@ class MLPBank:
                 params.append(((u * 2 - 1) * bound).reshape(len(ids), *size).to(device))
         return cls(shape, params)
 
+    def leaf_rows(self, rows: slice) -> MLPBank:
+        """Rows ``rows`` as a bank of new autograd leaves that share this bank's storage (no
+        copy): a backward through them fills only their own ``.grad``, the size of the
+        rows."""
+        return MLPBank(self.shape, [p.detach()[rows].requires_grad_() for p in self.params])
+
     def __len__(self) -> int:
         return self.params[0].shape[0]
 

@@ -69,16 +69,25 @@ class FitConfig:
     cache_targets: int = 256 << 20
     """Bytes under which a scale's targets are cached (float16) rather than recomputed at
     every iteration's samples (the whole scale's blocks counted, pruned or not)."""
-    batch_samples: int = 1 << 19
+    batch_samples: int = 0
     """Samples (blocks x points) per forward/backward chunk of an iteration; bounds the
     activation memory (about ``(3 * hidden_layers + 2) * hidden * 4`` bytes per sample) and
-    leaves the result unchanged (every block's gradient is its own)."""
+    leaves the result unchanged (every block's gradient is its own). 0: 2^15 on a CPU (a
+    chunk's activations stay in the caches: the step ran 3.5x faster than at 2^19), 2^19 on
+    a GPU (see :meth:`chunk_samples`)."""
     seed: int = 0
     """Seed of the MLP initialisation and of the sample draws."""
     time_limit: float = 0.0
     """Wall-clock cap of the whole fit in seconds (0: none); the scale in progress is kept."""
     target: float = 0.0
     """Stop once the finest scale's measured quality reaches this (IoU, or PSNR in dB; 0: off)."""
+
+    def chunk_samples(self, device_type: str = "cpu") -> int:
+        """Samples per forward/backward chunk: :attr:`batch_samples`, or when 0 the default
+        of the device type (``cpu`` or ``cuda``)."""
+        if self.batch_samples:
+            return self.batch_samples
+        return 1 << 15 if device_type == "cpu" else 1 << 19
 
     def validate(self) -> None:
         """Raise :class:`MinerError` naming the first bad field."""
@@ -101,7 +110,7 @@ class FitConfig:
             "iteration_samples": self.iteration_samples >= 0,
             "metric_every": self.metric_every >= 0,
             "batch_blocks": self.batch_blocks >= 0,
-            "batch_samples": self.batch_samples >= 1,
+            "batch_samples": self.batch_samples >= 0,
             "cache_targets": self.cache_targets >= 0,
             "time_limit": self.time_limit >= 0,
             "target": self.target >= 0,

@@ -88,7 +88,7 @@ def fit_bytes(
     samples = b**d if not fit.points_per_block else min(b**d, fit.points_per_block)
     if fit.iteration_samples:
         samples = min(b**d, max(64, fit.iteration_samples // max(1, live[0])))
-    chunk = min(fit.batch_samples, samples * max(1, live[0]))
+    chunk = min(fit.chunk_samples(), samples * max(1, live[0]))
     width = max(fit.hidden, channels)
     activations = chunk * (3 * fit.hidden_layers + 2) * width * 4
     if math.prod(layout.shape) * channels >= LARGE_SIGNAL:

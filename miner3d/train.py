@@ -330,6 +330,7 @@ class _Trainer:
         points = c.points_per_block
         if c.iteration_samples:
             points = max(64, c.iteration_samples // max(1, n_live))
+        chunk = c.chunk_samples(self.device.type)
         last_checkpoint = time.perf_counter()
         it = st.iteration
         active = int(self.team.sum([len(st.active)])[0])  # over every rank
@@ -341,7 +342,7 @@ class _Trainer:
             if 0 < points < n_samples:  # the same samples of every block, on every rank
                 pick = torch.randperm(n_samples, generator=self.generator)[:points]
                 pick = pick.to(self.device)
-            block_mse = st.step(self.residuals, self.coords, pick, c.batch_samples)
+            block_mse = st.step(self.residuals, self.coords, pick, chunk)
             st.opt.lr = st.lr * c.lr_decay ** (it - 1)
             st.opt.step()
             loss = st.frozen_mse + float(block_mse.sum())
