@@ -21,6 +21,11 @@ from .resources import configs_dir
 PRESETS = ("cpu", "lucy", "image", "volume")
 
 
+HEAP_MMAP_THRESHOLD = 2 << 20
+"""Bytes from which a fit's C heap serves a block by ``mmap`` (:func:`miner3d.memory.tune_heap`);
+a CPU training chunk's activation tensors stay under it (:meth:`FitConfig.chunk_samples`)."""
+
+
 @dataclass
 class FitConfig:
     """Everything that shapes a fit. Defaults: the paper's 3D setting."""
@@ -72,9 +77,9 @@ class FitConfig:
     batch_samples: int = 0
     """Samples (blocks x points) per forward/backward chunk of an iteration; bounds the
     activation memory (about ``(3 * hidden_layers + 2) * hidden * 4`` bytes per sample) and
-    leaves the result unchanged (every block's gradient is its own). 0: 2^15 on a CPU (a
-    chunk's activations stay in the caches: the step ran 3.5x faster than at 2^19), 2^19 on
-    a GPU (see :meth:`chunk_samples`)."""
+    leaves the result unchanged (every block's gradient is its own). 0: 2^14 on a CPU for
+    22 features (a chunk's activations stay in the caches and come from the heap: the step
+    ran 3x faster than at 2^19), 2^19 on a GPU (see :meth:`chunk_samples`)."""
     seed: int = 0
     """Seed of the MLP initialisation and of the sample draws."""
     time_limit: float = 0.0
@@ -84,10 +89,16 @@ class FitConfig:
 
     def chunk_samples(self, device_type: str = "cpu") -> int:
         """Samples per forward/backward chunk: :attr:`batch_samples`, or when 0 the default
-        of the device type (``cpu`` or ``cuda``)."""
+        of the device type (``cpu`` or ``cuda``). On a CPU, the largest power of two (at
+        most 2^15) whose activation tensors (``hidden`` float32 features a sample) stay under
+        :data:`HEAP_MMAP_THRESHOLD`, so that they come from the heap: 2^14 for 22
+        features."""
         if self.batch_samples:
             return self.batch_samples
-        return 1 << 15 if device_type == "cpu" else 1 << 19
+        if device_type != "cpu":
+            return 1 << 19
+        fits = (HEAP_MMAP_THRESHOLD - 1) // (4 * max(self.hidden, 1))
+        return max(1, min(1 << 15, 1 << (fits.bit_length() - 1)))
 
     def validate(self) -> None:
         """Raise :class:`MinerError` naming the first bad field."""

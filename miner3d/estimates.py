@@ -34,8 +34,6 @@ from .bank import BankShape
 from .blocks import BlockLayout
 from .config import FitConfig
 
-LARGE_SIGNAL = 1 << 26
-"""Samples from which a fit returns freed blocks to the OS at once (:func:`miner3d.train.fit`)."""
 TORCH_OVERHEAD = 96 << 20
 """Allocator and kernel workspace a fit adds beyond its tensors (measured)."""
 
@@ -91,8 +89,6 @@ def fit_bytes(
     chunk = min(fit.chunk_samples(), samples * max(1, live[0]))
     width = max(fit.hidden, channels)
     activations = chunk * (3 * fit.hidden_layers + 2) * width * 4
-    if math.prod(layout.shape) * channels >= LARGE_SIGNAL:
-        activations //= 2  # freed at once (return_large_frees): they do not pile up
     evaluation = 96 << 20  # one streamed batch of blocks (targets, metrics)
     return {
         "signal": int(signal_bytes),

@@ -156,7 +156,7 @@ class ScaleState:
         channels = bank.shape.out_features
         coords = coords if pick is None else coords[pick]
         chunk = max(1, batch_samples // coords.shape[0])
-        grads = [torch.empty_like(p) for p in bank.params] if chunk < n else None
+        grads = self.opt.grads if chunk < n else None
         losses = []
         for start in range(0, n, chunk):
             rows = slice(start, min(start + chunk, n))

@@ -39,12 +39,12 @@ import torch
 from .bank import BankShape, MLPBank
 from .blocks import BlockLayout, local_coordinates
 from .checkpoint import GENERATOR, MODEL, Checkpoint, prefixed
-from .config import FitConfig
+from .config import HEAP_MMAP_THRESHOLD, FitConfig
 from .distributed import Team, pick_device
 from .errors import DivergedError, FitInterrupted, MinerError
 from .grid import GridTransform
 from .kinds import Kind, get_kind
-from .memory import return_large_frees
+from .memory import tune_heap
 from .model import MinerModel
 from .scale import ScaleState
 from .sharding import gather_bank, measure, rank_figures, reduce_sums, shard_targets
@@ -128,10 +128,7 @@ def fit(
             f"a {kind.name} signal is (C, {kind.ndim} spatial axes), channels first; "
             f"got shape {tuple(np.shape(signal))}"
         )
-    if math.prod(np.shape(signal)) >= 1 << 26:  # large signals: memory before allocation speed
-        # freed tensors leave the resident set at once (-170 MiB of peak on 64 MP RGB; on
-        # small fits the page faults of fresh allocations cost up to 1.7x the time)
-        return_large_frees()
+    tune_heap(HEAP_MMAP_THRESHOLD)  # a training chunk's activations: from the heap, not mmap
     dev = pick_device(str(device))
     values = (value_scale, value_offset, peak)
     trainer = _Trainer(signal, config, kind, values, transform, dev, callback, meta)
