@@ -131,18 +131,36 @@ class MLPBank:
 
     @torch.no_grad()
     def evaluate(
-        self, coords: torch.Tensor, rows: torch.Tensor | None = None, budget: int = 1 << 24
+        self, coords: torch.Tensor, rows: torch.Tensor | None = None, budget: int | None = None
     ) -> torch.Tensor:
-        """:meth:`forward` without gradients, in chunks of samples so that no activation
-        tensor exceeds ``budget`` elements (one SIREN over a whole grid stays in memory)."""
+        """:meth:`forward` without gradients, ``budget`` samples (blocks x points) at a time:
+        blocks in chunks, and one block's samples in chunks when they alone exceed it (one
+        SIREN over a whole grid stays in memory). Default: 2^14 samples on a CPU, where a
+        chunk's activations then stay in the caches and under the heap's ``mmap`` threshold
+        (5k blocks x 512 samples: 0.10 s, against 0.46 s in 64 MiB chunks), 2^22 on a GPU.
+
+        Args:
+            coords: ``(P, d)`` local coordinates shared by all blocks, or ``(n, P, d)``.
+            rows: optional ``(m,)`` subset of the bank's rows to run.
+
+        Returns:
+            ``(n or m, P, out_features)`` float32.
+        """
+        if budget is None:
+            budget = 1 << 14 if self.params[0].device.type == "cpu" else 1 << 22
         n = len(self) if rows is None else len(rows)
-        chunk = max(1, budget // max(1, n * max(self.shape.hidden, self.shape.out_features)))
-        if coords.shape[-2] <= chunk:
+        points = coords.shape[-2]
+        if n * points <= budget:
             return self.forward(coords, rows)
-        parts = [
-            self.forward(coords[..., i : i + chunk, :], rows)
-            for i in range(0, coords.shape[-2], chunk)
-        ]
+        if coords.dim() == 2 and points <= budget:  # whole blocks, a few at a time
+            every = torch.arange(n, device=coords.device) if rows is None else rows
+            per = budget // points
+            out = torch.empty((n, points, self.shape.out_features), device=coords.device)
+            for start in range(0, n, per):
+                out[start : start + per] = self.forward(coords, every[start : start + per])
+            return out
+        chunk = max(1, budget // max(1, n))
+        parts = [self.forward(coords[..., i : i + chunk, :], rows) for i in range(0, points, chunk)]
         return torch.cat(parts, dim=-2)
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -67,7 +67,15 @@ class FitConfig:
     iteration shared by the scale's live blocks, at least 64 per block (at most ``b^d``).
     Small signals then see every sample, large ones a subset, at a bounded iteration cost."""
     metric_every: int = 50
-    """Iterations between quality measurements at the finest scale (0: at scale ends only)."""
+    """Iterations between quality measurements (0: at scale ends only): exact full-grid ones
+    at the finest scale; at a coarser scale, at this many times 1, 2, 4, 8, ... iterations,
+    its level of detail on its own grid against the box-filtered signal. Only the blocks
+    still training are evaluated."""
+    tail: float = 1.5
+    """The finest scale's quality plateau (no long tails): it ends once its measured quality,
+    rounded to the kind's step (IoU: 4 digits, PSNR: 0.01 dB), is no better than at a
+    measurement at or before ``1 / tail`` of the fit's time so far; the fit then ends within
+    ``tail`` times the time at which it first reached its final rounded quality (0: off)."""
     batch_blocks: int = 0
     """Blocks per batch in streamed passes (targets, metrics); 0: as many as hold 2^20
     samples (the transient memory of a pass is a few tens of bytes per sample of a batch)."""
@@ -120,6 +128,7 @@ class FitConfig:
             "points_per_block": self.points_per_block >= 0,
             "iteration_samples": self.iteration_samples >= 0,
             "metric_every": self.metric_every >= 0,
+            "tail": self.tail == 0 or self.tail > 1,
             "batch_blocks": self.batch_blocks >= 0,
             "batch_samples": self.batch_samples >= 0,
             "cache_targets": self.cache_targets >= 0,

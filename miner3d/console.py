@@ -59,13 +59,10 @@ class FitProgress:
                 f"loss {record['loss']:.2e} | live {record['live_blocks']}/"
                 f"{record['mlp_blocks']} blocks"
             )
-            if "iou" in record:
-                status += f" IoU {record['iou']:.5f}"
-            if "psnr" in record:
-                status += f" {record['psnr']:.2f} dB"
+            status += quality_text(record)
             self.progress.update(task, completed=record["iteration"], status=status)
         elif event == "scale_end":
-            quality = f"IoU {record['iou']:.5f}" if "iou" in record else f"{record['psnr']:.2f} dB"
+            quality = quality_text(record).strip()
             done = self.progress.tasks[task].completed or 1
             blocks = f"{record['mlp_blocks']}/{record['blocks']} MLPs"
             self.progress.update(task, total=done, completed=done, status=f"{blocks} {quality}")
@@ -73,6 +70,17 @@ class FitProgress:
     def close(self) -> None:
         if self.started:
             self.progress.stop()
+
+
+def quality_text(record: dict[str, Any]) -> str:
+    """A record's quality for the progress line: the full grid's (``IoU 0.99912``, ``41.20
+    dB``), or a coarse scale's on its own grid (``own grid IoU 0.99512``); '' if none."""
+    for prefix, label in (("", ""), ("level_", "own grid ")):
+        if prefix + "iou" in record:
+            return f" {label}IoU {record[prefix + 'iou']:.5f}"
+        if prefix + "psnr" in record:
+            return f" {label}{record[prefix + 'psnr']:.2f} dB"
+    return ""
 
 
 def describe_summary(summary: dict[str, Any]) -> list[str]:
@@ -83,9 +91,11 @@ def describe_summary(summary: dict[str, Any]) -> list[str]:
     lines.append(f"{'scale':>5} {'blocks with MLP':>16} {header:>10}")
     for j in sorted(summary["scales"], key=int, reverse=True):
         m = summary["scales"][j]
-        value = f"{m['iou']:.5f}" if metric == "iou" else f"{m['psnr']:.2f}"
+        key = metric if metric in m else f"level_{metric}"
+        value = f"{m[key]:.5f}" if metric == "iou" else f"{m[key]:.2f}"
+        where = "" if key == metric else " (on the scale's own grid)"
         blocks = f"{summary['mlp_blocks'][j]}/{summary['blocks'][j]}"
-        lines.append(f"{j:>5} {blocks:>16} {value:>10}")
+        lines.append(f"{j:>5} {blocks:>16} {value:>10}{where}")
     lines.append(
         f"final IoU (threshold 0.5, full grid): {summary[metric]:.5f}"
         if metric == "iou"
@@ -97,14 +107,14 @@ def describe_summary(summary: dict[str, Any]) -> list[str]:
         f"({size_versus(summary)}) | fit {summary['seconds_fit']:.1f} s, total "
         f"{summary['seconds_total']:.1f} s | peak RSS {format_size(summary['peak_rss_bytes'])}"
     )
-    stages = summary.get("stage_seconds")
-    if stages:
+    if "seconds_setup" in summary:
         lines.append(
-            f"stopped: {summary.get('stop_reason', summary.get('stopped'))} | set-up "
-            f"{stages['setup']:.1f} s, fitting {stages['fitting']:.1f} s, measuring "
-            f"{stages['measuring']:.1f} s, reading {summary['seconds_load']:.1f} s, outputs "
-            f"{summary['seconds_outputs']:.1f} s"
+            f"stopped: {summary['stopped']} | set-up {summary['seconds_setup']:.1f} s, fitting "
+            f"{summary['seconds_fitting']:.1f} s, measuring {summary['seconds_measuring']:.1f} s, "
+            f"reading {summary['seconds_load']:.1f} s, outputs {summary['seconds_outputs']:.1f} s"
         )
+    if summary.get("stop_detail"):
+        lines.append(f"quality plateau: {summary['stop_detail']}")
     return lines
 
 

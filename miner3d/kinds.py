@@ -64,6 +64,9 @@ class Kind:
     reference: str
     binary: bool = field(default=False)
     """The signal is 0/1 (IoU is measured)."""
+    metric_step: float = field(default=0.01)
+    """The resolution at which :attr:`metric` counts as improved (IoU: 1e-4, 4 digits; PSNR:
+    0.01 dB); the quality plateau rule rounds to it (:attr:`FitConfig.tail`)."""
 
     def metric_fields(self, sums: MetricSums, peak: float = 1.0) -> dict[str, float]:
         """The quality figures of one measurement (keys of ``summary.json`` and
@@ -96,7 +99,15 @@ class Kind:
 
 
 OCCUPANCY = Kind(
-    "occupancy", 3, "zero", "iou", (0.99, 0.995, 0.999), "mesh", "bit-packed grid", binary=True
+    "occupancy",
+    3,
+    "zero",
+    "iou",
+    (0.99, 0.995, 0.999),
+    "mesh",
+    "bit-packed grid",
+    binary=True,
+    metric_step=1e-4,
 )
 IMAGE = Kind("image", 2, "edge", "psnr", (30.0, 35.0, 40.0), "image", "raw samples")
 VOLUME = Kind("volume", 3, "edge", "psnr", (30.0, 35.0, 40.0), "volume", "raw samples")

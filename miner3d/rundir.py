@@ -63,20 +63,24 @@ SUMMARY_KEYS: dict[str, str] = {
     "shape": "the signal's spatial shape",
     "seconds": "the fit's wall time (over every session of a resumed run)",
     "finest_scale_fitted": "the finest scale fitted (0 unless a time limit stopped the fit)",
-    "stopped": "done, time_limit or target",
-    "stop_reason": "why the fit ended: target, time_limit, or how its finest scale ended: "
-    "converged (every block pruned or frozen), plateau or max_iters",
-    "scale_stop_reasons": "{scale: converged, plateau, max_iters, target or time_limit}",
-    "stage_seconds": "{setup (each scale's targets and banks), fitting (iterations), measuring "
-    "(quality measurements: live during scale 0, full-grid at each scale's end)} of this "
-    "session; with seconds_load and seconds_outputs, where the time went",
+    "stopped": "why the fit ended: target, time_limit, or how its finest scale ended: plateau "
+    "(of the loss, or of the measured quality: see fit.tail), max_iters or all_frozen (every "
+    "block pruned or frozen); an interrupted fit writes no summary (its checkpoint stays)",
+    "stop_detail": "when the quality plateau rule stopped the fit: what it saw",
+    "scale_stop_reasons": "{scale: all_frozen, plateau, max_iters, target or time_limit}",
+    "seconds_setup": "seconds building each scale's targets and banks (this session)",
+    "seconds_fitting": "seconds of training iterations (this session)",
+    "seconds_measuring": "seconds of quality measurements (this session): only the blocks "
+    "still training are evaluated, the others' sums are kept",
     "world_size": "processes that fitted together (torchrun ranks; 1 for one process)",
     "ranks": "[{rank, host, seconds_fitting, mlp_blocks (its share of the scales fitted in "
     "this session), "
     "peak_rss_bytes (at the fit's end)}], one per rank",
     "params": "parameters of every MLP of the model",
     "scale_seconds": "{scale: seconds spent fitting it}",
-    "scales": "{scale: quality at that level of detail}, e.g. {'iou': ..., 'iou_04': ...}",
+    "scales": "{scale: quality at its end}: the finest scale's full-grid figures (iou, iou_04 "
+    "or psnr), a coarser scale's on its own grid against the box-filtered signal (level_iou, "
+    "level_iou_04 or level_psnr; full-grid too when a time limit ended the fit there)",
     "mlp_blocks": "{scale: blocks with an MLP}",
     "blocks": "{scale: blocks of the scale}",
     "iou": "occupancy: full-grid IoU at threshold 0.5 of the finest level fitted",
@@ -112,6 +116,8 @@ METRIC_COLUMNS = (
     "iou",
     "iou_04",
     "psnr",
+    "level_iou",
+    "level_psnr",
 )
 
 

@@ -43,9 +43,9 @@ class ScaleState:
     partial_masks: torch.Tensor
     """``(k, b^d)`` bool, real samples of each of ``partial_ids``."""
     pruned_sums: MetricSums
-    """Scale 0: metric sums of the blocks without an MLP."""
+    """Metric sums (at the scale's resolution) of the blocks without an MLP."""
     frozen_sums: MetricSums = field(default_factory=MetricSums)
-    """Scale 0: metric sums of the frozen blocks."""
+    """Metric sums (at the scale's resolution) of the frozen blocks."""
     frozen_mse: float = 0.0
     """Sum of the frozen blocks' last MSEs."""
     window_loss: float | None = None
@@ -188,16 +188,15 @@ class ScaleState:
 
     def freeze(self, block_mse: torch.Tensor, freeze_mse: float, residuals: Residuals) -> None:
         """Active blocks whose MSE ``(m,)`` reached ``freeze_mse`` leave the optimisation with
-        their Adam state; at scale 0 their quality is measured once and kept."""
+        their Adam state; their quality is measured once and kept."""
         done = block_mse <= freeze_mse
         if not done.any():
             return
         for f, p in zip(self.final, self.opt.bank.params, strict=True):
             f[self.active[done]] = p.detach()[done]
-        if self.scale == 0:
-            rows = torch.nonzero(done).squeeze(1)
-            frozen = residuals.live_sums(self.opt.bank, rows, self.live_ids[done])
-            self.frozen_sums = self.frozen_sums.add(frozen)
+        rows = torch.nonzero(done).squeeze(1)
+        frozen = residuals.live_sums(self.opt.bank, rows, self.live_ids[done], self.scale)
+        self.frozen_sums = self.frozen_sums.add(frozen)
         self.frozen_mse += float(block_mse[done].sum())
         keep = torch.nonzero(~done).squeeze(1)
         self.opt.keep(keep)
@@ -207,10 +206,12 @@ class ScaleState:
             self.targets = compact(self.targets, keep)
 
     def live_metrics(self, residuals: Residuals) -> MetricSums:
-        """Scale 0: metric sums of the whole reconstruction as it stands (pruned, frozen and
-        active blocks)."""
+        """Metric sums of the whole reconstruction of this scale as it stands (pruned,
+        frozen and active blocks) against ``G_j``: at scale 0 the exact full-grid figures,
+        at a coarser scale those of its level of detail on its own grid. Only the active
+        blocks are evaluated."""
         rows = torch.arange(len(self.active), device=self.active.device)
-        live = residuals.live_sums(self.opt.bank, rows, self.live_ids)
+        live = residuals.live_sums(self.opt.bank, rows, self.live_ids, self.scale)
         return self.pruned_sums.add(self.frozen_sums).add(live)
 
     def bank(self) -> MLPBank:

@@ -10,8 +10,10 @@ scales of the model being fitted, block batch by block batch:
   ``cache_targets``, and the masks of the live blocks that reach into the padding;
 * :meth:`Residuals.at` gives the targets of some blocks at some samples, from the cache or
   recomputed from the signal and the coarser fields at exactly those samples;
-* :meth:`Residuals.live_sums` measures blocks under training against the full-resolution
-  signal (the trainer's quality figures during the finest scale).
+* :meth:`Residuals.live_sums` measures blocks under training against the signal at their
+  scale's own resolution (``G_j``; at scale 0 the full-resolution signal: the trainer's exact
+  full-grid figures during the finest scale, its level-of-detail figures during the coarser
+  ones).
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ class ScaleTargets:
     cache: torch.Tensor | None
     """``(m, C, b^d)`` float16 targets, or ``None`` (recomputed at each iteration)."""
     pruned_sums: MetricSums
-    """Scale 0 only: the metric sums of the pruned blocks (their value is the coarser sum)."""
+    """The metric sums of the pruned blocks at the scale's resolution (their value is the
+    coarser scales' sum); empty when pruning was decided by another pass."""
     partial_ids: torch.Tensor
     """Sorted ids of live blocks that reach into the padding."""
     partial_masks: torch.Tensor
@@ -125,7 +128,7 @@ class Residuals:
                 kept = (level if model.gaussian else residual)[live].flatten(2)
                 cache[filled : filled + len(kept)] = kept
                 filled += len(kept)
-            if j == 0 and not decided:  # a pruned block's value is the coarser scales' sum
+            if not decided:  # a pruned block's value is the coarser scales' sum
                 dead = ~live
                 dead_mask = None if mask is None else mask[dead]
                 pruned = pruned.add(block_sums(base[dead], level[dead], dead_mask, self.iou))
@@ -172,20 +175,23 @@ class Residuals:
         return level - self.model.coarser_samples(j, ids, local)
 
     @torch.no_grad()
-    def live_sums(self, bank: MLPBank, rows: torch.Tensor, ids: torch.Tensor) -> MetricSums:
-        """Metric sums at scale 0 of blocks ``ids`` whose MLPs are rows ``rows`` of ``bank``,
-        streamed block batch by block batch (their outputs on every sample, plus the coarser
-        scales' sum, against the full-resolution signal; real samples only)."""
+    def live_sums(
+        self, bank: MLPBank, rows: torch.Tensor, ids: torch.Tensor, j: int = 0
+    ) -> MetricSums:
+        """Metric sums of blocks ``ids`` of scale ``j`` whose MLPs are rows ``rows`` of
+        ``bank``, streamed block batch by block batch: their outputs on every sample, plus
+        the coarser scales' sum, against ``G_j`` (the full-resolution signal at scale 0);
+        real samples only."""
         layout, b, d = self.layout, self.config.block, self.d
         sums = MetricSums()
         for start in range(0, len(ids), self.batch_blocks):
             part = ids[start : start + self.batch_blocks]
             out = bank.evaluate(self.coords, rows=rows[start : start + len(part)])
             values = out.transpose(1, 2).reshape((len(part), self.channels) + (b,) * d)
-            if not self.model.gaussian:
-                values += self.model.evaluate_blocks(0, part, from_scale=1)
-            truth = self.source.level_blocks(0, layout.unravel(0, part))
-            sums = sums.add(block_sums(values, truth, layout.valid_mask(0, part), self.iou))
+            if not self.model.gaussian and j < self.config.n_scales - 1:
+                values += self.model.evaluate_blocks(j, part, from_scale=j + 1)
+            truth = self.source.level_blocks(j, layout.unravel(j, part))
+            sums = sums.add(block_sums(values, truth, layout.valid_mask(j, part), self.iou))
         return sums
 
 

@@ -185,11 +185,15 @@ class _Trainer:
         self.scale_metrics: dict[int, dict[str, float]] = {}
         self.scale_times: dict[int, float] = {}
         self.stopped: str | None = None  # "time_limit" or "target" once the fit must end
+        self.stop_detail = ""  # what the quality plateau rule saw, when it stopped the fit
         self.stage_seconds = {"setup": 0.0, "fitting": 0.0, "measuring": 0.0}
         self.scale_stops: dict[int, str] = {}
 
-    def _log(self, record: dict[str, Any]) -> None:
-        record = {"time": round(time.perf_counter() - self.start, 4), **record}
+    def _log(self, record: dict[str, Any], at: float | None = None) -> None:
+        """Log ``record`` at the trainer's clock (or at ``at`` seconds: the same on every
+        rank)."""
+        at = time.perf_counter() - self.start if at is None else at
+        record = {"time": round(at, 4), **record}
         self.history.append(record)
         if self.callback is not None:
             self.callback(record)
@@ -238,11 +242,12 @@ class _Trainer:
             if self.stopped == "time_limit":
                 break
             t0 = time.perf_counter()
-            self._fit_scale(j, resume if j == first else None)
-            t1 = time.perf_counter()
-            sums = measure(self.model, self.source, self.team, j, self.kind.binary, self.batch)
-            self.stage_seconds["measuring"] += time.perf_counter() - t1
-            self.scale_metrics[j] = self.kind.metric_fields(sums, self.peak)
+            self.scale_metrics[j] = self._fit_scale(j, resume if j == first else None)
+            if j > 0 and self.stopped == "time_limit":  # the fit ends at a coarse scale
+                t1 = time.perf_counter()  # so its figures are the full grid's, exactly
+                sums = measure(self.model, self.source, self.team, j, self.kind.binary, self.batch)
+                self.stage_seconds["measuring"] += time.perf_counter() - t1
+                self.scale_metrics[j] |= self.kind.metric_fields(sums, self.peak)
             self.scale_times[j] = self.scale_times.get(j, 0.0) + time.perf_counter() - t0
             self._log(
                 {
@@ -257,19 +262,20 @@ class _Trainer:
             if j > 0 and self.stopped is None:
                 self._save(j - 1, None)
         finest = min(self.scale_metrics)
+        stages = {f"seconds_{k}": round(v, 3) for k, v in self.stage_seconds.items()}
         summary = {
             "seconds": round(time.perf_counter() - self.start, 3),
             "finest_scale_fitted": finest,
-            "stopped": self.stopped or "done",
+            "stopped": self.stopped or self.scale_stops.get(finest, "max_iters"),
+            **({"stop_detail": self.stop_detail} if self.stop_detail else {}),
+            **stages,
             "params": self.model.n_params,
             "scale_seconds": {str(k): round(v, 3) for k, v in self.scale_times.items()},
             "scales": {str(k): v for k, v in self.scale_metrics.items()},
             "mlp_blocks": {str(j): self.model.mlp_blocks(j) for j in range(c.n_scales)},
             "blocks": {str(j): self.layout.n_blocks(j) for j in range(c.n_scales)},
         }
-        summary["stop_reason"] = self.stopped or self.scale_stops.get(finest, "done")
         summary["scale_stop_reasons"] = {str(k): v for k, v in self.scale_stops.items()}
-        summary["stage_seconds"] = {k: round(v, 3) for k, v in self.stage_seconds.items()}
         summary["world_size"] = self.team.world_size
         fitting, own = self.stage_seconds["fitting"], sum(self.own_blocks.values())
         summary["ranks"] = rank_figures(self.team, fitting, own)
@@ -313,7 +319,10 @@ class _Trainer:
         )
         return ScaleState.start(j, targets, self._init_bank(j, targets.ids), c.lr)
 
-    def _fit_scale(self, j: int, resume: Checkpoint | None = None) -> None:
+    def _fit_scale(self, j: int, resume: Checkpoint | None = None) -> dict[str, float]:
+        """Fit scale ``j``; returns its quality figures at its end: at scale 0 the exact
+        full-grid ones, at a coarser scale those of its level of detail on its own grid
+        (keys prefixed ``level_``)."""
         c = self.config
         t_setup = time.perf_counter()
         st = self._start_scale(j, resume)
@@ -328,12 +337,15 @@ class _Trainer:
         if c.iteration_samples:
             points = max(64, c.iteration_samples // max(1, n_live))
         chunk = c.chunk_samples(self.device.type)
+        prefix = "" if j == 0 else "level_"
         last_checkpoint = time.perf_counter()
         it = st.iteration
+        record = None  # the last measurement's figures, if taken at the last iteration
         active = int(self.team.sum([len(st.active)])[0])  # over every rank
         for it in range(st.iteration + 1, c.max_iters + 1):
+            record = None
             if active == 0:
-                reason = "converged"  # every block pruned or frozen
+                reason = "all_frozen"  # every block pruned or frozen
                 break
             pick = None
             if 0 < points < n_samples:  # the same samples of every block, on every rank
@@ -347,27 +359,28 @@ class _Trainer:
                 st.freeze(block_mse, c.freeze_mse, self.residuals)
             every = self.checkpoint_iterations
             due = time.perf_counter() - last_checkpoint > self.checkpoint_seconds
-            over = bool(c.time_limit) and time.perf_counter() - self.start > c.time_limit
+            elapsed = time.perf_counter() - self.start
+            over = bool(c.time_limit) and elapsed > c.time_limit
             # one collective an iteration: every rank takes the same decisions
-            loss, active, stop, due, over = self.team.sum(
-                [loss, len(st.active), self.should_stop(), due, over]
+            loss, active, stop, due, over, elapsed = self.team.sum(
+                [loss, len(st.active), self.should_stop(), due, over, elapsed]
             )
             loss, active = loss / max(n_live, 1), int(active)
+            elapsed /= self.team.world_size  # the same clock on every rank
             if not math.isfinite(loss):
                 raise DivergedError(
                     f"the loss became {loss} at scale {j}, iteration {it} (learning rate "
                     f"{st.opt.lr:.3g} at that iteration)"
                 )
-            record = None
-            if j == 0 and c.metric_every and it % c.metric_every == 0:
+            if c.metric_every and measure_now(j, it, c.metric_every):
                 t_measure = time.perf_counter()
                 sums = reduce_sums(self.team, st.live_metrics(self.residuals))
-                record = self.kind.metric_fields(sums, self.peak)
+                record = prefixed_fields(self.kind.metric_fields(sums, self.peak), prefix)
                 measuring += time.perf_counter() - t_measure
             if record is not None or it % 50 == 0 or it == 1:
                 head = {"event": "iteration", "scale": j, "iteration": it, "loss": loss}
                 sizes = {"live_blocks": active, "mlp_blocks": n_live, "params": params_now}
-                self._log(head | sizes | (record or {}))
+                self._log(head | sizes | (record or {}), at=elapsed)
             st.iteration = it
             if stop or due or (every and it % every == 0):
                 self._save(j, st)
@@ -377,9 +390,13 @@ class _Trainer:
             if over:
                 self.stopped = reason = "time_limit"
                 break
-            if c.target and record is not None and record[self.kind.metric] >= c.target:
-                self.stopped = reason = "target"
-                break
+            if j == 0 and record is not None:
+                if c.target and record[self.kind.metric] >= c.target:
+                    self.stopped = reason = "target"
+                    break
+                if self._quality_plateau(elapsed):
+                    reason = "plateau"
+                    break
             if c.plateau_tol > 0 and it % c.plateau_window == 0:
                 if (
                     st.window_loss is not None
@@ -388,8 +405,58 @@ class _Trainer:
                     reason = "plateau"
                     break
                 st.window_loss = loss
+        if record is None:  # the scale's end as it stands (only active blocks evaluated)
+            t_measure = time.perf_counter()
+            sums = reduce_sums(self.team, st.live_metrics(self.residuals))
+            record = prefixed_fields(self.kind.metric_fields(sums, self.peak), prefix)
+            measuring += time.perf_counter() - t_measure
         self.model.set_scale(j, *gather_bank(self.team, st.ids, st.bank()))
         self.scale_stops[j] = reason
         self.stage_seconds["measuring"] += measuring
         self.stage_seconds["fitting"] += time.perf_counter() - t_fit - measuring
         self._log({"event": "scale_fitted", "scale": j, "iterations": it, "stop": reason})
+        return record
+
+    def _quality_plateau(self, now: float) -> bool:
+        """The finest scale's quality rule (no long tails): its latest exact measurement,
+        rounded to the kind's :attr:`~miner3d.kinds.Kind.metric_step`, is no better than
+        one taken at or before ``(now + interval) / tail`` seconds (``interval``: since the
+        previous measurement), so the fit stops at the last measurement before ``tail``
+        times the time it first reached its final rounded quality. Reads the history (the
+        same on every rank, and restored by a resume)."""
+        tail, metric, step = self.config.tail, self.kind.metric, self.kind.metric_step
+        if not tail:
+            return False
+        finest = [
+            (r["time"], round(r[metric] / step))
+            for r in self.history
+            if r.get("event") == "iteration" and r.get("scale") == 0 and metric in r
+        ]
+        if len(finest) < 2:
+            return False
+        t_last, last = finest[-1]
+        step_seconds = t_last - finest[-2][0]  # the next measurement would come this much later
+        early = [(t, q) for t, q in finest[:-1] if t <= (now + step_seconds) / tail]
+        best = max((q for _, q in early), default=None)
+        if best is None or last > best:
+            return False
+        first = next(t for t, q in finest if q >= last)
+        self.stop_detail = (
+            f"{metric} {last * step:.6g} (rounded to {step:g}) first reached at {first:.1f} s; "
+            f"no better at {t_last:.1f} s"
+        )
+        return True
+
+
+def measure_now(j: int, it: int, every: int) -> bool:
+    """Whether iteration ``it`` of scale ``j`` measures quality: every ``every`` iterations
+    at the finest scale (its target and plateau rules read them); at ``every`` times a power
+    of two at a coarser scale (a curve on a log axis at a few tenths of a second each)."""
+    if it % every:
+        return False
+    return j == 0 or (it // every) & (it // every - 1) == 0
+
+
+def prefixed_fields(fields: dict[str, float], prefix: str) -> dict[str, float]:
+    """``fields`` with ``prefix`` before every key."""
+    return {prefix + k: v for k, v in fields.items()}

@@ -253,7 +253,9 @@ def render_volume_levels(
 
 def plot_history(history: list[dict[str, Any]] | str | Path, path: str | Path) -> np.ndarray:
     """Quality (IoU or PSNR) against wall time, scale switches marked, from a history or
-    ``metrics.csv``. Writes a PNG and returns it as an array."""
+    ``metrics.csv``: the full-grid measurements, and the coarse scales' on their own grids
+    (their levels of detail against the box-filtered signal). Writes a PNG and returns it as
+    an array."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -262,17 +264,26 @@ def plot_history(history: list[dict[str, Any]] | str | Path, path: str | Path) -
     if not isinstance(history, list):
         with open(history, newline="") as fh:
             history = list(csv.DictReader(fh))
-    metric = "iou" if any(r.get("iou") not in (None, "") for r in history) else "psnr"
-    points = [
-        (float(r["time"]), float(r[metric]), int(r["scale"]))
-        for r in history
-        if r.get(metric) not in (None, "") and r.get("event") in ("iteration", "scale_end")
-    ]
-    if not points:
+    binary = any(r.get(k) not in (None, "") for r in history for k in ("iou", "level_iou"))
+    metric = "iou" if binary else "psnr"
+
+    def series(key: str) -> list[tuple[float, float]]:
+        return [
+            (float(r["time"]), float(r[key]))
+            for r in history
+            if r.get(key) not in (None, "") and r.get("event") in ("iteration", "scale_end")
+        ]
+
+    full, level = series(metric), series(f"level_{metric}")
+    if not full and not level:
         raise MinerError("the history holds no quality measurement to plot")
     fig, ax = plt.subplots(figsize=(6, 4))
-    t, q, _ = zip(*points, strict=True)
-    ax.plot(t, q, marker=".", color="tab:blue", label="miner3d")
+    if level:
+        t, q = zip(*level, strict=True)
+        ax.plot(t, q, ".", color="tab:orange", label="coarse scale, on its own grid")
+    if full:
+        t, q = zip(*full, strict=True)
+        ax.plot(t, q, marker=".", color="tab:blue", label="full grid")
     for r in history:
         if r.get("event") == "scale_end":
             ax.axvline(float(r["time"]), color="gray", linestyle=":", linewidth=1)
@@ -285,8 +296,9 @@ def plot_history(history: list[dict[str, Any]] | str | Path, path: str | Path) -
                 va="bottom",
             )
     ax.set_xlabel("wall time (s)")
-    ax.set_ylabel("full-grid IoU (threshold 0.5)" if metric == "iou" else "PSNR (dB)")
+    ax.set_ylabel("IoU (threshold 0.5)" if metric == "iou" else "PSNR (dB)")
     ax.set_title("quality against time; dotted: end of each scale")
+    ax.legend(loc="lower right", fontsize=8)
     ax.grid(alpha=0.3)
     return _save_figure(fig, Path(path))
 

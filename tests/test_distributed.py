@@ -121,7 +121,15 @@ def _model_tensors(run: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.slow
 def test_two_ranks_fit_a_mesh_exactly_as_one_process(tmp_path, meshes_dir):
-    args = [meshes_dir / "teapot.obj", "--resolution", "64", "--set", "fit.max_iters=150"]
+    args = [
+        meshes_dir / "teapot.obj",
+        "--resolution",
+        "64",
+        "--set",
+        "fit.max_iters=150",
+        "--set",
+        "fit.tail=0",
+    ]
     one = one_process("fit", *args, "-o", "one", "--threads", "1", cwd=tmp_path)
     two = torchrun("fit", *args, "-o", "two", cwd=tmp_path)
     assert one.returncode == 0, one.stderr
@@ -153,7 +161,7 @@ def test_two_ranks_fit_an_image_as_one_process(tmp_path):
     rgb = np.stack([x, y, (x * y) % 256], axis=-1) * 0.9
     rgb = (rgb + 20 * np.sin(x / 7.0)[..., None]).clip(0, 255).astype(np.uint8)
     Image.fromarray(rgb).save(tmp_path / "pic.png")
-    args = ["pic.png", "--set", "fit.max_iters=120"]
+    args = ["pic.png", "--set", "fit.max_iters=120", "--set", "fit.tail=0"]
     one = one_process("fit", *args, "-o", "one", "--threads", "1", cwd=tmp_path)
     two = torchrun("fit", *args, "-o", "two", cwd=tmp_path)
     assert one.returncode == 0, one.stderr
@@ -166,7 +174,15 @@ def test_two_ranks_fit_an_image_as_one_process(tmp_path):
 @pytest.mark.slow
 def test_a_killed_rank_ends_the_job_and_a_resume_finishes_it(tmp_path, meshes_dir):
     (tmp_path / "killer.py").write_text(KILLER)
-    args = [meshes_dir / "teapot.obj", "--resolution", "64", "--set", "fit.max_iters=150"]
+    args = [
+        meshes_dir / "teapot.obj",
+        "--resolution",
+        "64",
+        "--set",
+        "fit.max_iters=150",
+        "--set",
+        "fit.tail=0",
+    ]
     killed = torchrun(
         "fit", *args, "-o", "run", "--checkpoint-every", "5it",
         cwd=tmp_path, script="killer.py", KILL_RANK="1", KILL_AT="23",

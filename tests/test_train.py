@@ -8,6 +8,7 @@ from miner3d.config import FitConfig
 from miner3d.errors import FitInterrupted, MinerError
 from miner3d.metrics import iou
 from miner3d.model import MinerModel
+from miner3d.source import SignalSource
 from miner3d.train import fit
 from miner3d.voxelizer import voxelize_file
 
@@ -47,9 +48,23 @@ def test_reported_iou_is_the_decoded_models(lucy64, lucy64_fit):
     decoded = result.model.decode(0)[0].numpy()
     truth = lucy64.occupancy.astype(bool)
     assert iou(decoded >= 0.5, truth) == pytest.approx(result.summary["iou"], abs=1e-9)
-    # coarser levels of detail are worse, and each is reported
+    # a coarse scale's figure is its level of detail on its own grid against the
+    # box-filtered signal (zero padding), thresholded at 0.5: recomputed here independently
     scales = result.summary["scales"]
-    assert scales["2"]["iou"] < scales["1"]["iou"] < scales["0"]["iou"]
+    assert set(scales["0"]) == {"iou", "iou_04"}
+    for j in (1, 2):
+        f = 2**j
+        padded = np.pad(truth, [(0, -n % f) for n in truth.shape]).astype(np.float64)
+        level = padded.reshape(
+            padded.shape[0] // f, f, padded.shape[1] // f, f, padded.shape[2] // f, f
+        ).mean(axis=(1, 3, 5))
+        own = result.model.decode(j)[0].numpy()
+        assert own.shape == level.shape
+        assert iou(own >= 0.5, level >= 0.5) == pytest.approx(scales[str(j)]["level_iou"], abs=1e-9)
+    # and coarser levels of detail are worse on the full grid
+    source = SignalSource(lucy64.occupancy[None], result.model.layout, "zero")
+    full = [result.model.measure(source, j, True).iou(0) for j in (2, 1, 0)]
+    assert full[0] < full[1] < full[2] == pytest.approx(scales["0"]["iou"], abs=1e-12)
 
 
 @pytest.mark.parametrize("gaussian", [False, True])
@@ -74,8 +89,8 @@ def test_targets_recomputed_per_iteration_match_the_cache(lucy64, gaussian):
         assert fresh.model.mlp_blocks(j) == cached.model.mlp_blocks(j)
     assert fresh.summary["iou"] >= 0.99
     assert fresh.summary["iou"] == pytest.approx(cached.summary["iou"], abs=2e-3)
-    assert fresh.summary["scales"]["2"]["iou"] == pytest.approx(
-        cached.summary["scales"]["2"]["iou"], abs=2e-3
+    assert fresh.summary["scales"]["2"]["level_iou"] == pytest.approx(
+        cached.summary["scales"]["2"]["level_iou"], abs=2e-3
     )
 
 
@@ -157,7 +172,13 @@ def test_bad_config_names_the_field():
 def test_interrupt_and_resume_continue_exactly(lucy64):
     occupancy = lucy64.occupancy[None]
     config = FitConfig(
-        n_scales=3, block=8, max_iters=120, prune_mse=2e-3, metric_every=20, points_per_block=200
+        n_scales=3,
+        block=8,
+        max_iters=120,
+        prune_mse=2e-3,
+        metric_every=20,
+        points_per_block=200,
+        tail=0,  # the quality plateau reads the clock: equal fits need it off
     )
     reference = fit(occupancy, config, device="cpu")
     checkpoints = []
@@ -193,3 +214,38 @@ def test_nan_loss_stops_with_a_clear_error(lucy64):
     config = FitConfig(n_scales=2, block=8, max_iters=50, lr=1e30, prune_mse=0.0)
     with pytest.raises(MinerError, match="the loss became"):
         fit(lucy64.occupancy[None, :32, :24, :32], config, device="cpu")
+
+
+def test_quality_plateau_ends_the_fit_without_a_long_tail(lucy64):
+    """With the loss plateau and freezing off, only the quality rule can end the finest
+    scale before max_iters: it must stop within `tail` times the time at which the fit first
+    reached its final IoU rounded to 4 digits (the issue's rule), and say so."""
+    config = FitConfig(
+        n_scales=2,
+        block=8,
+        max_iters=3000,
+        prune_mse=2e-3,
+        freeze_mse=0.0,
+        plateau_tol=0.0,
+        metric_every=5,
+        points_per_block=128,
+        lr=2e-3,
+        tail=1.5,
+    )
+    result = fit(lucy64.occupancy[None], config, device="cpu")
+    s = result.summary
+    assert s["stopped"] == "plateau" == s["scale_stop_reasons"]["0"]
+    finest = [r for r in result.history if r["event"] == "iteration" and "iou" in r]
+    final = round(finest[-1]["iou"], 4)
+    assert final == round(s["iou"], 4)
+    first = next(r["time"] for r in finest if round(r["iou"], 4) >= final)
+    interval = finest[-1]["time"] - finest[-2]["time"]  # iterations vary a little in time
+    assert finest[-1]["time"] <= 1.5 * first + 0.5 * interval
+    assert finest[-1]["iteration"] < 3000 and "first reached" in s["stop_detail"]
+    # off: the same fit runs to max_iters
+    off = fit(
+        lucy64.occupancy[None],
+        FitConfig(**{**config.__dict__, "tail": 0, "max_iters": 300}),
+        device="cpu",
+    )
+    assert off.summary["stopped"] == "max_iters" and "stop_detail" not in off.summary
