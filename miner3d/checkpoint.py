@@ -20,6 +20,7 @@ run directory falls back to the previous checkpoint, see :mod:`miner3d.rundir`).
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,3 +102,22 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     if expected is not None and expected != tensors_sha256(tensors):
         raise MinerError(f"checkpoint {path} is corrupt: its tensors do not match their checksum")
     return Checkpoint(tensors, state)
+
+
+def scale_checkpoint(
+    model: Any, j: int, generator: torch.Generator, books: dict[str, Any], st: Any = None
+) -> Checkpoint:
+    """The checkpoint of a fit about to fit scale ``j`` (or fitting it: ``st``, its
+    :class:`~miner3d.scale.ScaleState`): the finished scales (> j) of ``model`` under
+    ``model.``, the sample generator's state, the scale's state under ``current.``, and the
+    trainer's JSON bookkeeping ``books`` (elapsed, history, scale_metrics, scale_times).
+    Tensors are copied to the CPU."""
+    tensors = {GENERATOR: generator.get_state()}
+    for k in range(j + 1, model.layout.n_scales):
+        tensors.update(prefixed(MODEL, model.scale_state_dict(k)))
+    state: dict[str, Any] = {"scale": j, "iteration": 0, **books}
+    if st is not None:
+        tensors.update(st.checkpoint_tensors())
+        state.update(st.checkpoint_state())
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    return Checkpoint(tensors, json.loads(json.dumps(state)))

@@ -236,6 +236,20 @@ class MinerModel:
             total += interpolate_at(self.residual_field(k), positions).movedim(0, 1)
         return total
 
+    def new_bank(self, j: int, ids: torch.Tensor, seed: int, share: bool = False) -> MLPBank:
+        """SIREN-initialised MLPs for blocks ``ids`` ``(n,)`` of scale ``j``, each from its own
+        stream (:meth:`MLPBank.for_blocks`); ``share``: a block whose parent has an MLP starts
+        from the parent's weights / sqrt(2^d) instead (the weight-sharing variant)."""
+        bank = MLPBank.for_blocks(self.bank_shape, ids, seed, j, self.device)
+        parent = self.scales[j + 1] if j + 1 < len(self.scales) else None
+        if share and parent is not None and len(ids):
+            rows = self.rows_of(j + 1, self.layout.parent(j, ids))
+            has = rows >= 0
+            shrink = 1.0 / math.sqrt(2**self.layout.ndim)
+            for p, q in zip(bank.params, parent.bank.params, strict=True):
+                p[has] = q[rows[has]] * shrink
+        return bank
+
     def measure(
         self,
         source,

@@ -2,15 +2,10 @@
 
 For each scale ``j`` from the coarsest (``J - 1``) to the finest (0):
 
-1. **Targets.** Stream over every block of the scale: the target is the box-filtered signal
-   ``G_j`` minus the reconstruction of the coarser scales at this scale's samples (the
-   residual, eq. 7; the Gaussian-pyramid ablation fits ``G_j`` itself). The signal is read
-   through :class:`~miner3d.source.SignalSource` (its own dtype, or a memory map; levels
-   box-filtered per block when needed): no padded, float or per-scale copy of the full signal
-   exists. The live blocks' targets are cached in float16 when a scale's cache would fit in
-   ``cache_targets`` bytes (the coarse scales, and every scale of small signals; float16
-   rounding, ~1e-4 at most, is far below any quality figure), otherwise recomputed at each
-   iteration's samples from the signal and the coarser scales' fields, never stored.
+1. **Targets** (:mod:`.targets`): the box-filtered signal ``G_j`` minus the coarser scales'
+   reconstruction (the residual, eq. 7; the Gaussian-pyramid ablation fits ``G_j`` itself),
+   streamed block batch by block batch from the signal in its own dtype or memory map,
+   cached in float16 when small enough, otherwise recomputed at each iteration's samples.
 2. **Prune before** (paper 3.2): a block whose mean squared residual is at most
    ``prune_mse`` gets no MLP; its residual is zero. A block that lies wholly in the padding
    of the block grid never gets one. The residual energy, the loss and the metrics count only
@@ -18,15 +13,14 @@ For each scale ``j`` from the coarsest (``J - 1``) to the finest (0):
 3. **Fit** the live blocks' MLPs together (batched matmul), loss = sum of per-block MSEs so
    each block's gradient is its own. **Prune during**: a block whose MSE falls to
    ``freeze_mse`` is frozen; its parameters and Adam state leave the optimisation.
-4. **Switch** scale when every block is frozen, on a plateau of the loss, or at
-   ``max_iters``.
+4. **Switch** scale when every block is frozen, on a plateau of the loss, at ``max_iters``;
+   the finest scale also on a plateau of its measured quality (:mod:`.stopping`).
 
 Blocks are independent (per-block loss and freezing): ranks share them (:mod:`.sharding`).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable
@@ -36,9 +30,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .bank import BankShape, MLPBank
+from .bank import BankShape
 from .blocks import BlockLayout, local_coordinates
-from .checkpoint import GENERATOR, MODEL, Checkpoint, prefixed
+from .checkpoint import GENERATOR, MODEL, Checkpoint, scale_checkpoint
 from .config import HEAP_MMAP_THRESHOLD, FitConfig
 from .distributed import Team, pick_device
 from .errors import DivergedError, FitInterrupted, MinerError
@@ -49,6 +43,7 @@ from .model import MinerModel
 from .scale import ScaleState
 from .sharding import gather_bank, measure, rank_figures, reduce_sums, shard_targets
 from .source import SignalSource
+from .stopping import measure_now, prefixed_fields, quality_plateau
 from .targets import Residuals
 
 __all__ = ["DivergedError", "FitInterrupted", "FitResult", "fit", "pick_device"]
@@ -201,24 +196,11 @@ class _Trainer:
     # -- checkpoints ---------------------------------------------------------------------
     def _save(self, j: int, st: ScaleState | None) -> None:
         """Hand a checkpoint to the caller: finished scales (> j), and scale j's state."""
-        if self.checkpoint is None:
-            return
-        tensors = {GENERATOR: self.generator.get_state()}
-        for k in range(j + 1, self.config.n_scales):
-            tensors.update(prefixed(MODEL, self.model.scale_state_dict(k)))
-        state: dict[str, Any] = {
-            "scale": j,
-            "iteration": 0,
-            "elapsed": time.perf_counter() - self.start,
-            "history": self.history,
-            "scale_metrics": {str(k): v for k, v in self.scale_metrics.items()},
-            "scale_times": {str(k): v for k, v in self.scale_times.items()},
-        }
-        if st is not None:
-            tensors.update(st.checkpoint_tensors())
-            state.update(st.checkpoint_state())
-        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        self.checkpoint(Checkpoint(tensors, json.loads(json.dumps(state))))
+        if self.checkpoint is not None:
+            books = {"elapsed": time.perf_counter() - self.start, "history": self.history}
+            books["scale_metrics"] = {str(k): v for k, v in self.scale_metrics.items()}
+            books["scale_times"] = {str(k): v for k, v in self.scale_times.items()}
+            self.checkpoint(scale_checkpoint(self.model, j, self.generator, books, st))
 
     def _restore(self, ckpt: Checkpoint) -> int:
         """Load a checkpoint's finished scales and bookkeeping; returns the scale to fit."""
@@ -283,18 +265,6 @@ class _Trainer:
         self.model.meta["summary"] = summary
         return FitResult(self.model, self.history, summary)
 
-    def _init_bank(self, j: int, ids: torch.Tensor) -> MLPBank:
-        c = self.config
-        bank = MLPBank.for_blocks(self.model.bank_shape, ids, c.seed, j, self.device)
-        parent_scale = self.model.scales[j + 1] if j + 1 < c.n_scales else None
-        if c.weight_sharing and parent_scale is not None and len(ids):
-            rows = self.model.rows_of(j + 1, self.layout.parent(j, ids))
-            has = rows >= 0
-            shrink = 1.0 / math.sqrt(2**self.d)
-            for p, q in zip(bank.params, parent_scale.bank.params, strict=True):
-                p[has] = q[rows[has]] * shrink
-        return bank
-
     def _start_scale(self, j: int, resume: Checkpoint | None) -> ScaleState:
         """The state of scale ``j`` at its start, or as a checkpoint left it."""
         c = self.config
@@ -317,7 +287,19 @@ class _Trainer:
             {"event": "scale_start", "scale": j, "max_iters": c.max_iters, "blocks": blocks}
             | {"mlp_blocks": n_live, "params": params}
         )
-        return ScaleState.start(j, targets, self._init_bank(j, targets.ids), c.lr)
+        return ScaleState.start(
+            j,
+            targets,
+            self.model.new_bank(j, targets.ids, self.config.seed, self.config.weight_sharing),
+            c.lr,
+        )
+
+    def _measure(self, st: ScaleState, prefix: str) -> tuple[dict[str, float], float]:
+        """The scale's quality figures as it stands (keys prefixed), and the seconds taken."""
+        t0 = time.perf_counter()
+        sums = reduce_sums(self.team, st.live_metrics(self.residuals))
+        fields = prefixed_fields(self.kind.metric_fields(sums, self.peak), prefix)
+        return fields, time.perf_counter() - t0
 
     def _fit_scale(self, j: int, resume: Checkpoint | None = None) -> dict[str, float]:
         """Fit scale ``j``; returns its quality figures at its end: at scale 0 the exact
@@ -373,10 +355,8 @@ class _Trainer:
                     f"{st.opt.lr:.3g} at that iteration)"
                 )
             if c.metric_every and measure_now(j, it, c.metric_every):
-                t_measure = time.perf_counter()
-                sums = reduce_sums(self.team, st.live_metrics(self.residuals))
-                record = prefixed_fields(self.kind.metric_fields(sums, self.peak), prefix)
-                measuring += time.perf_counter() - t_measure
+                record, seconds = self._measure(st, prefix)
+                measuring += seconds
             if record is not None or it % 50 == 0 or it == 1:
                 head = {"event": "iteration", "scale": j, "iteration": it, "loss": loss}
                 sizes = {"live_blocks": active, "mlp_blocks": n_live, "params": params_now}
@@ -394,7 +374,8 @@ class _Trainer:
                 if c.target and record[self.kind.metric] >= c.target:
                     self.stopped = reason = "target"
                     break
-                if self._quality_plateau(elapsed):
+                self.stop_detail = quality_plateau(self.history, self.kind, c.tail, elapsed)
+                if self.stop_detail:
                     reason = "plateau"
                     break
             if c.plateau_tol > 0 and it % c.plateau_window == 0:
@@ -406,57 +387,11 @@ class _Trainer:
                     break
                 st.window_loss = loss
         if record is None:  # the scale's end as it stands (only active blocks evaluated)
-            t_measure = time.perf_counter()
-            sums = reduce_sums(self.team, st.live_metrics(self.residuals))
-            record = prefixed_fields(self.kind.metric_fields(sums, self.peak), prefix)
-            measuring += time.perf_counter() - t_measure
+            record, seconds = self._measure(st, prefix)
+            measuring += seconds
         self.model.set_scale(j, *gather_bank(self.team, st.ids, st.bank()))
         self.scale_stops[j] = reason
         self.stage_seconds["measuring"] += measuring
         self.stage_seconds["fitting"] += time.perf_counter() - t_fit - measuring
         self._log({"event": "scale_fitted", "scale": j, "iterations": it, "stop": reason})
         return record
-
-    def _quality_plateau(self, now: float) -> bool:
-        """The finest scale's quality rule (no long tails): its latest exact measurement,
-        rounded to the kind's :attr:`~miner3d.kinds.Kind.metric_step`, is no better than
-        one taken at or before ``(now + interval) / tail`` seconds (``interval``: since the
-        previous measurement), so the fit stops at the last measurement before ``tail``
-        times the time it first reached its final rounded quality. Reads the history (the
-        same on every rank, and restored by a resume)."""
-        tail, metric, step = self.config.tail, self.kind.metric, self.kind.metric_step
-        if not tail:
-            return False
-        finest = [
-            (r["time"], round(r[metric] / step))
-            for r in self.history
-            if r.get("event") == "iteration" and r.get("scale") == 0 and metric in r
-        ]
-        if len(finest) < 2:
-            return False
-        t_last, last = finest[-1]
-        step_seconds = t_last - finest[-2][0]  # the next measurement would come this much later
-        early = [(t, q) for t, q in finest[:-1] if t <= (now + step_seconds) / tail]
-        best = max((q for _, q in early), default=None)
-        if best is None or last > best:
-            return False
-        first = next(t for t, q in finest if q >= last)
-        self.stop_detail = (
-            f"{metric} {last * step:.6g} (rounded to {step:g}) first reached at {first:.1f} s; "
-            f"no better at {t_last:.1f} s"
-        )
-        return True
-
-
-def measure_now(j: int, it: int, every: int) -> bool:
-    """Whether iteration ``it`` of scale ``j`` measures quality: every ``every`` iterations
-    at the finest scale (its target and plateau rules read them); at ``every`` times a power
-    of two at a coarser scale (a curve on a log axis at a few tenths of a second each)."""
-    if it % every:
-        return False
-    return j == 0 or (it // every) & (it // every - 1) == 0
-
-
-def prefixed_fields(fields: dict[str, float], prefix: str) -> dict[str, float]:
-    """``fields`` with ``prefix`` before every key."""
-    return {prefix + k: v for k, v in fields.items()}

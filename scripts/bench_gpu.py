@@ -64,12 +64,13 @@ def main() -> None:
     curve = []
 
     def on_record(r: dict) -> None:
-        if r["event"] == "scale_end" or "iou" in r:
+        if r["event"] == "scale_end" or "iou" in r or "level_iou" in r:
             curve.append(r)
             live = r.get("live_blocks", r.get("mlp_blocks"))
+            quality = f"IoU {r['iou']:.5f}" if "iou" in r else f"own grid IoU {r['level_iou']:.5f}"
             print(
-                f"{r['time']:8.2f} s  scale {r['scale']}  live {live:>7}  "
-                f"IoU {r['iou']:.5f}  ({r['event']})",
+                f"{r['time']:8.2f} s  scale {r['scale']}  live {live:>7}  {quality}  "
+                f"({r['event']})",
                 flush=True,
             )
 
