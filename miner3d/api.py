@@ -111,7 +111,7 @@ def fit(
     """
     budget = _budget(max_memory)
     signal_in, path, the_kind = _source(source, kind)
-    cfg = _config(the_kind, preset, config, overrides)
+    cfg = _config(the_kind, preset, config, overrides, signal_in)
     team, device = join(pick_device(cfg.device))  # before anything is written
     if not team.leader:
         progress = banner = None
@@ -301,13 +301,24 @@ def effective_config(
     return _config(the_kind, preset, config, overrides or {})
 
 
-def _config(kind: Kind, preset: str | None, config: Any, overrides: dict[str, Any]) -> RunConfig:
+def _config(
+    kind: Kind,
+    preset: str | None,
+    config: Any,
+    overrides: dict[str, Any],
+    signal: Signal | None = None,
+) -> RunConfig:
+    """The effective config; without a preset or config file, the default preset for the
+    kind, the device and the grid's size: the longest axis of an in-memory ``signal``, else
+    the ``resolution`` a mesh is voxelized at (the ``cpu`` preset's 128 when not given)."""
     values = {override_key(k): v for k, v in overrides.items()}
     if preset is None and config is None:
         import torch
 
         cuda = values.get("device", "auto") != "cpu" and torch.cuda.is_available()
-        preset = default_preset(kind.name, cuda)
+        size = max(signal.data.shape[1:]) if signal is not None else 0
+        size = size or int(values.get("resolution", 0) or 0)
+        preset = default_preset(kind.name, cuda, size)
     return build_config(preset, config, values)
 
 

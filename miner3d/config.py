@@ -18,7 +18,9 @@ from typing import Any
 from .errors import MinerError
 from .resources import configs_dir
 
-PRESETS = ("cpu", "lucy", "image", "volume")
+PRESETS = ("cpu", "cpu-large", "lucy", "image", "volume")
+LARGE_GRID = 512
+"""Voxels on the longest axis from which an occupancy fit on a CPU starts from ``cpu-large``."""
 
 
 HEAP_MMAP_THRESHOLD = 2 << 20
@@ -319,13 +321,16 @@ def build_config(
     return config
 
 
-def default_preset(kind: str, cuda: bool) -> str:
+def default_preset(kind: str, cuda: bool, size: int = 0) -> str:
     """The preset a fit starts from when none is named: ``image`` for images, ``volume`` for
-    scalar volumes, ``lucy`` (the paper's 1024^3 setting) for occupancy on a GPU, ``cpu``
-    otherwise."""
+    scalar volumes, ``lucy`` (the paper's 1024^3 setting) for occupancy on a GPU; on a CPU
+    ``cpu-large`` for occupancy grids of ``size`` >= :data:`LARGE_GRID` voxels on their
+    longest axis, ``cpu`` otherwise."""
     if kind in ("image", "volume"):
         return kind
-    return "lucy" if cuda else "cpu"
+    if cuda:
+        return "lucy"
+    return "cpu-large" if size >= LARGE_GRID else "cpu"
 
 
 def describe(config: RunConfig, meshes: bool = True) -> str:

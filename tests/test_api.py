@@ -120,3 +120,26 @@ def test_summary_says_why_the_fit_stopped_and_where_the_time_went():
     )
     assert capped.summary["stopped"] == "target"
     assert capped.summary["scale_stop_reasons"]["0"] == "target"
+
+
+def test_large_grids_on_a_cpu_start_from_the_large_preset(meshes_dir):
+    from miner3d.config import default_preset
+
+    assert default_preset("occupancy", cuda=False, size=1024) == "cpu-large"
+    assert default_preset("occupancy", cuda=False, size=511) == "cpu"
+    assert default_preset("occupancy", cuda=True, size=1024) == "lucy"
+    assert default_preset("image", cuda=False, size=8192) == "image"
+    lucy = meshes_dir / "lucy.ply"
+    big = miner3d.effective_config(lucy, overrides={"resolution": 512, "device": "cpu"})
+    assert big.preset == "cpu-large" and big.resolution == 512
+    assert big.fit.metric_every == 10 and big.fit.max_iters == 400
+    assert miner3d.effective_config(lucy, overrides={"resolution": 256}).preset == "cpu"
+    assert (
+        miner3d.effective_config(lucy, preset="cpu", overrides={"resolution": 1024}).preset == "cpu"
+    )
+    # an in-memory grid is chosen by its own longest axis
+    thin = np.zeros((8, 8, 512), np.uint8)
+    thin[2:6, 2:6, 100:400] = 1
+    result = miner3d.fit(thin, kind="occupancy", device="cpu", max_iters=5)
+    assert result.summary["preset"] == "cpu-large"
+    assert miner3d.fit(thin[:, :, :256], kind="occupancy", max_iters=5).summary["preset"] == "cpu"
