@@ -70,9 +70,10 @@ class FitConfig:
     Small signals then see every sample, large ones a subset, at a bounded iteration cost."""
     metric_every: int = 50
     """Iterations between quality measurements (0: at scale ends only): exact full-grid ones
-    at the finest scale; at a coarser scale, at this many times 1, 2, 4, 8, ... iterations,
-    its level of detail on its own grid against the box-filtered signal. Only the blocks
-    still training are evaluated."""
+    at the finest scale (this often up to 4x this many iterations, then with gaps that
+    double as the iterations do: :func:`miner3d.stopping.measure_now`); at a coarser scale,
+    at this many times 1, 2, 4, 8, ... iterations, its level of detail on its own grid
+    against the box-filtered signal. Only the blocks still training are evaluated."""
     tail: float = 1.5
     """The finest scale's quality plateau (no long tails): it ends once its measured quality,
     rounded to the kind's step (IoU: 4 digits, PSNR: 0.01 dB), is no better than at a

@@ -13,12 +13,26 @@ from .kinds import Kind
 
 
 def measure_now(j: int, it: int, every: int) -> bool:
-    """Whether iteration ``it`` of scale ``j`` measures quality: every ``every`` iterations
-    at the finest scale (its target and plateau rules read them); at ``every`` times a power
-    of two at a coarser scale (a curve on a log axis at a few tenths of a second each)."""
+    """Whether iteration ``it`` of scale ``j`` measures quality. At the finest scale every
+    ``every`` iterations up to ``4 * every``, then with gaps that double as the iterations
+    do (every 2 ``every`` up to 8 ``every``, every 4 ``every`` up to 16 ``every``, ...): a
+    long fit's measurements cost a bounded share of its time, and its target and plateau
+    rules still see a measurement within a third of the iterations so far. At a coarser
+    scale at ``every`` times a power of two (a curve on a log axis)."""
     if it % every:
         return False
-    return j == 0 or (it // every) & (it // every - 1) == 0
+    if j > 0:
+        return (it // every) & (it // every - 1) == 0
+    gap = every * 2 ** max(0, (it // (2 * every)).bit_length() - 1)
+    return it % gap == 0
+
+
+def next_measurement(it: int, every: int) -> int:
+    """The finest scale's first measuring iteration after ``it`` (:func:`measure_now`)."""
+    k = it + 1
+    while not measure_now(0, k, every):
+        k += 1
+    return k
 
 
 def prefixed_fields(fields: dict[str, float], prefix: str) -> dict[str, float]:
@@ -26,12 +40,15 @@ def prefixed_fields(fields: dict[str, float], prefix: str) -> dict[str, float]:
     return {prefix + k: v for k, v in fields.items()}
 
 
-def quality_plateau(history: list[dict[str, Any]], kind: Kind, tail: float, now: float) -> str:
+def quality_plateau(
+    history: list[dict[str, Any]], kind: Kind, tail: float, now: float, upcoming: int
+) -> str:
     """The finest scale's quality rule: its latest exact measurement, rounded to
     ``kind.metric_step`` (IoU: 4 digits), is no better than one taken at or before
-    ``(now + interval) / tail`` seconds (``interval``: since the previous measurement), so
-    the fit stops at the last measurement before ``tail`` times the time it first reached
-    its final rounded quality. Returns what it saw when the scale must end, else ''.
+    ``(now + wait) / tail`` seconds, ``wait`` being the time to the next measurement
+    (iteration ``upcoming``, at the pace of the last two measurements), so the fit stops at
+    the last measurement before ``tail`` times the time it first reached its final rounded
+    quality. Returns what it saw when the scale must end, else ''.
 
     Args:
         history: the fit's records; the finest scale's iteration records with ``kind.metric``
@@ -39,23 +56,24 @@ def quality_plateau(history: list[dict[str, Any]], kind: Kind, tail: float, now:
         kind: the signal's kind (its headline metric and step).
         tail: ``FitConfig.tail`` (0: never).
         now: the trainer's clock at the latest measurement.
+        upcoming: the iteration of the next measurement (:func:`next_measurement`).
     """
     metric, step = kind.metric, kind.metric_step
     if not tail:
         return ""
     finest = [
-        (r["time"], round(r[metric] / step))
+        (r["time"], r["iteration"], round(r[metric] / step))
         for r in history
         if r.get("event") == "iteration" and r.get("scale") == 0 and metric in r
     ]
     if len(finest) < 2:
         return ""
-    t_last, last = finest[-1]
-    interval = t_last - finest[-2][0]  # the next measurement would come this much later
-    early = [q for t, q in finest[:-1] if t <= (now + interval) / tail]
+    (t_prev, it_prev, _), (t_last, it_last, last) = finest[-2], finest[-1]
+    wait = (t_last - t_prev) / max(1, it_last - it_prev) * (upcoming - it_last)
+    early = [q for t, _, q in finest[:-1] if t <= (now + wait) / tail]
     if not early or last > max(early):
         return ""
-    first = next(t for t, q in finest if q >= last)
+    first = next(t for t, _, q in finest if q >= last)
     return (
         f"{metric} {last * step:.6g} (rounded to {step:g}) first reached at {first:.1f} s; "
         f"no better at {t_last:.1f} s"

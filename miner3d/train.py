@@ -38,12 +38,12 @@ from .distributed import Team, pick_device
 from .errors import DivergedError, FitInterrupted, MinerError
 from .grid import GridTransform
 from .kinds import Kind, get_kind
-from .memory import tune_heap
+from .memory import SharedCpus, tune_heap
 from .model import MinerModel
 from .scale import ScaleState
 from .sharding import gather_bank, measure, rank_figures, reduce_sums, shard_targets
 from .source import SignalSource
-from .stopping import measure_now, prefixed_fields, quality_plateau
+from .stopping import measure_now, next_measurement, prefixed_fields, quality_plateau
 from .targets import Residuals
 
 __all__ = ["DivergedError", "FitInterrupted", "FitResult", "fit", "pick_device"]
@@ -182,11 +182,11 @@ class _Trainer:
         self.stopped: str | None = None  # "time_limit" or "target" once the fit must end
         self.stop_detail = ""  # what the quality plateau rule saw, when it stopped the fit
         self.stage_seconds = {"setup": 0.0, "fitting": 0.0, "measuring": 0.0}
+        self.cpus = SharedCpus(active=device.type == "cpu")  # one thread if CPUs are shared
         self.scale_stops: dict[int, str] = {}
 
     def _log(self, record: dict[str, Any], at: float | None = None) -> None:
-        """Log ``record`` at the trainer's clock (or at ``at`` seconds: the same on every
-        rank)."""
+        """Log ``record`` at the trainer's clock (or at ``at``: the same on every rank)."""
         at = time.perf_counter() - self.start if at is None else at
         record = {"time": round(at, 4), **record}
         self.history.append(record)
@@ -302,20 +302,17 @@ class _Trainer:
         return fields, time.perf_counter() - t0
 
     def _fit_scale(self, j: int, resume: Checkpoint | None = None) -> dict[str, float]:
-        """Fit scale ``j``; returns its quality figures at its end: at scale 0 the exact
-        full-grid ones, at a coarser scale those of its level of detail on its own grid
-        (keys prefixed ``level_``)."""
+        """Fit scale ``j``; returns its final quality figures: exact full-grid ones at scale
+        0, a coarser scale's on its own grid (keys prefixed ``level_``)."""
         c = self.config
         t_setup = time.perf_counter()
         st = self._start_scale(j, resume)
         t_fit = time.perf_counter()
         self.stage_seconds["setup"] += t_fit - t_setup
-        measuring = 0.0
-        reason = "max_iters"
+        measuring, reason = 0.0, "max_iters"
         n_live = self.n_live  # over every rank
         params_now = self.model.n_params + n_live * self.model.bank_shape.params_per_block
-        n_samples = self.coords.shape[0]
-        points = c.points_per_block
+        n_samples, points = self.coords.shape[0], c.points_per_block
         if c.iteration_samples:
             points = max(64, c.iteration_samples // max(1, n_live))
         chunk = c.chunk_samples(self.device.type)
@@ -324,6 +321,7 @@ class _Trainer:
         it = st.iteration
         record = None  # the last measurement's figures, if taken at the last iteration
         active = int(self.team.sum([len(st.active)])[0])  # over every rank
+        self.cpus.start()
         for it in range(st.iteration + 1, c.max_iters + 1):
             record = None
             if active == 0:
@@ -334,6 +332,8 @@ class _Trainer:
                 pick = torch.randperm(n_samples, generator=self.generator)[:points]
                 pick = pick.to(self.device)
             block_mse = st.step(self.residuals, self.coords, pick, chunk)
+            if self.cpus.check():
+                self._log({"event": "threads", "scale": j, "iteration": it, "threads": 1})
             st.opt.lr = st.lr * c.lr_decay ** (it - 1)
             st.opt.step()
             loss = st.frozen_mse + float(block_mse.sum())
@@ -374,7 +374,10 @@ class _Trainer:
                 if c.target and record[self.kind.metric] >= c.target:
                     self.stopped = reason = "target"
                     break
-                self.stop_detail = quality_plateau(self.history, self.kind, c.tail, elapsed)
+                upcoming = next_measurement(it, c.metric_every)
+                self.stop_detail = quality_plateau(
+                    self.history, self.kind, c.tail, elapsed, upcoming
+                )
                 if self.stop_detail:
                     reason = "plateau"
                     break

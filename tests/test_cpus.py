@@ -54,3 +54,32 @@ def test_the_voxelizer_does_not_raise_the_fits_thread_count(meshes_dir):
     done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split()[-1] == "1"
+
+
+def test_a_fit_drops_to_one_thread_when_its_cpus_are_shared():
+    """SharedCpus reads the CPU time the process got against the wall time: a process whose
+    two threads get far less than two CPUs' time (here: none, it sleeps) drops to one."""
+    import time
+
+    import torch
+
+    from miner3d.memory import SharedCpus
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        cpus = SharedCpus(window=0.2)
+        assert not cpus.check()  # the window has not passed yet
+        time.sleep(0.3)
+        assert cpus.check() and torch.get_num_threads() == 1 and cpus.threads == 1
+        time.sleep(0.3)
+        assert not cpus.check()  # once only
+        torch.set_num_threads(2)
+        busy = SharedCpus(window=0.2, floor=0.3)  # one busy thread is over 0.3 x 2 CPUs
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < 0.3:
+            pass
+        assert not busy.check() and torch.get_num_threads() == 2
+        assert not SharedCpus(window=0.0, active=False).check()  # a GPU fit never checks
+    finally:
+        torch.set_num_threads(before)
