@@ -15,10 +15,9 @@ MLP; that count is predicted from the signal:
 Measured against the peak RSS increase of fresh processes on the 2-core machine (the fit
 alone, 60-100 iterations per scale): 0.99x, 0.97x and 0.91x of this estimate for Lucy at 256,
 512 and 640 (cpu preset), 0.82x for a synthetic 4096^2 image (image preset).
-Signals of 2^26 samples or more run with freed blocks returned to the OS at once
-(:func:`miner3d.memory.return_large_frees`): their activations do not pile up, and half the
-term fits the measurements (0.92x for Lucy at 768 with 60 iterations per scale, 0.96x for
-an 8192^2 image; Lucy at 640 measured 1.04x that way).
+(Those ratios were measured before issue 14; since then every CPU fit fixes the heap's
+thresholds (:func:`miner3d.memory.tune_heap`) and trains in 2^14-sample chunks, so the
+activation term is a few MiB at every size, and the same tests still hold.)
 ``tests/test_memory_estimates.py`` holds Lucy at 640 and 768 (one size in each regime) and a
 4096^2 image within 25 %.
 """

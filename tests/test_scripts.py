@@ -139,3 +139,12 @@ def test_rank_scripts(tmp_path):
     assert "| 0 | 2 | " in out and "| 2 | 256 | " in out
     out = _run("scripts/bench_ranks.py", "--resolution", "48", "--set", "fit.max_iters=30")
     assert "| 1 process, 2 threads |" in out and "| 2 ranks, 1 thread each |" in out
+
+
+def test_lattice_mesh_is_a_watertight_high_genus_solid(tmp_path):
+    import trimesh
+
+    out = _run("scripts/lattice_mesh.py", str(tmp_path / "l.ply"), "-n", "60", "--cells", "3")
+    mesh = trimesh.load(tmp_path / "l.ply")
+    assert "watertight True" in out and mesh.is_watertight
+    assert mesh.euler_number < -2  # 3 x 3 x 3 cells: 2 x 2 beams an axis inside the box
