@@ -149,7 +149,7 @@ class ScaleState:
         own; it is set as the bank's ``.grad``. A chunk runs on leaf views of its rows
         (:meth:`MLPBank.leaf_rows`) and writes its gradient rows into one gradient per
         parameter: no full-size gradient is built per chunk (3.5x faster on a CPU with
-        32k-sample chunks than with 512k, where the activations leave the caches). Memory:
+        2^14-2^15-sample chunks than with 2^19, where the activations leave the caches). Memory:
         the gradients (the bank's size) and one chunk's activations."""
         bank = self.opt.bank
         n = len(self.active)

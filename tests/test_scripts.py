@@ -148,3 +148,12 @@ def test_lattice_mesh_is_a_watertight_high_genus_solid(tmp_path):
     mesh = trimesh.load(tmp_path / "l.ply")
     assert "watertight True" in out and mesh.is_watertight
     assert mesh.euler_number < -2  # 3 x 3 x 3 cells: 2 x 2 beams an axis inside the box
+
+
+def test_bench_compact_reports_float16_weights(tmp_path):
+    run = tmp_path / "run"
+    _run("-m", "miner3d", "fit", "meshes/teapot.obj", "--resolution", "32", "-o", str(run))
+    out = _run("scripts/bench_compact.py", str(run))
+    row = out.strip().splitlines()[-1].split("|")
+    f32, f16, iou32, iou16 = float(row[4]), float(row[5]), float(row[9]), float(row[10])
+    assert f16 < f32 and iou32 > 0.9 and abs(iou32 - iou16) < 0.01
