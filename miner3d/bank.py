@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -210,6 +211,36 @@ class BankAdam:
         self.exp_avg = [torch.zeros_like(p) for p in bank.params]
         self.exp_avg_sq = [torch.zeros_like(p) for p in bank.params]
         self.grads = [torch.empty_like(p) for p in bank.params]
+
+    def backward(
+        self, chunk: int, block_losses: Callable[[slice, MLPBank], torch.Tensor]
+    ) -> torch.Tensor:
+        """Forward and backward over the bank, ``chunk`` rows at a time. ``block_losses(rows,
+        part)`` runs rows ``rows`` through ``part`` and returns their losses ``(r,)``; their
+        sum is back-propagated. ``part`` is the bank itself when one chunk holds every row,
+        else leaf views of the rows (:meth:`MLPBank.leaf_rows`) whose gradient rows go into
+        :attr:`grads`, then set as the parameters' ``.grad``: no full-size gradient is built
+        per chunk. Returns every row's loss ``(n,)``, detached. Memory: one chunk's
+        activations."""
+        bank, n = self.bank, len(self.bank)
+        if n == 0:
+            return torch.zeros(0, device=bank.params[0].device)
+        if chunk >= n:
+            losses = block_losses(slice(0, n), bank)
+            losses.sum().backward()
+            return losses.detach()
+        parts = []
+        for start in range(0, n, chunk):
+            rows = slice(start, min(start + chunk, n))
+            part = bank.leaf_rows(rows)
+            losses = block_losses(rows, part)
+            losses.sum().backward()
+            parts.append(losses.detach())
+            for g, p in zip(self.grads, part.params, strict=True):
+                g[rows] = p.grad
+        for p, g in zip(bank.params, self.grads, strict=True):
+            p.grad = g
+        return torch.cat(parts)
 
     @torch.no_grad()
     def step(self) -> None:

@@ -252,9 +252,10 @@ class SharedCpus:
 
     def check(self) -> bool:
         """True when it has just dropped to one thread."""
-        if self.threads <= 1 or time.perf_counter() - self.wall < self.window:
+        wall = time.perf_counter() - self.wall
+        if self.threads <= 1 or wall < self.window:
             return False
-        used = (time.process_time() - self.cpu) / (time.perf_counter() - self.wall)
+        used = (time.process_time() - self.cpu) / wall
         self.start()
         if used >= self.floor * self.threads:
             return False

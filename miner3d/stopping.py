@@ -40,11 +40,9 @@ def prefixed_fields(fields: dict[str, float], prefix: str) -> dict[str, float]:
     return {prefix + k: v for k, v in fields.items()}
 
 
-def quality_plateau(
-    history: list[dict[str, Any]], kind: Kind, tail: float, now: float, upcoming: int
-) -> str:
-    """The finest scale's quality rule: its latest exact measurement, rounded to
-    ``kind.metric_step`` (IoU: 4 digits), is no better than one taken at or before
+def quality_plateau(history: list[dict[str, Any]], kind: Kind, tail: float, upcoming: int) -> str:
+    """The finest scale's quality rule: its latest exact measurement (at ``now`` seconds),
+    rounded to ``kind.metric_step`` (IoU: 4 digits), is no better than one taken at or before
     ``(now + wait) / tail`` seconds, ``wait`` being the time to the next measurement
     (iteration ``upcoming``, at the pace of the last two measurements), so the fit stops at
     the last measurement before ``tail`` times the time it first reached its final rounded
@@ -55,7 +53,6 @@ def quality_plateau(
             (exact full-grid measurements, at the ranks' common clock) are read.
         kind: the signal's kind (its headline metric and step).
         tail: ``FitConfig.tail`` (0: never).
-        now: the trainer's clock at the latest measurement.
         upcoming: the iteration of the next measurement (:func:`next_measurement`).
     """
     metric, step = kind.metric, kind.metric_step
@@ -68,13 +65,13 @@ def quality_plateau(
     ]
     if len(finest) < 2:
         return ""
-    (t_prev, it_prev, _), (t_last, it_last, last) = finest[-2], finest[-1]
-    wait = (t_last - t_prev) / max(1, it_last - it_prev) * (upcoming - it_last)
+    (t_prev, it_prev, _), (now, it_last, last) = finest[-2], finest[-1]
+    wait = (now - t_prev) / max(1, it_last - it_prev) * (upcoming - it_last)
     early = [q for t, _, q in finest[:-1] if t <= (now + wait) / tail]
     if not early or last > max(early):
         return ""
     first = next(t for t, _, q in finest if q >= last)
     return (
         f"{metric} {last * step:.6g} (rounded to {step:g}) first reached at {first:.1f} s; "
-        f"no better at {t_last:.1f} s"
+        f"no better at {now:.1f} s"
     )

@@ -287,12 +287,8 @@ class _Trainer:
             {"event": "scale_start", "scale": j, "max_iters": c.max_iters, "blocks": blocks}
             | {"mlp_blocks": n_live, "params": params}
         )
-        return ScaleState.start(
-            j,
-            targets,
-            self.model.new_bank(j, targets.ids, self.config.seed, self.config.weight_sharing),
-            c.lr,
-        )
+        bank = self.model.new_bank(j, targets.ids, c.seed, c.weight_sharing)
+        return ScaleState.start(j, targets, bank, c.lr)
 
     def _measure(self, st: ScaleState, prefix: str) -> tuple[dict[str, float], float]:
         """The scale's quality figures as it stands (keys prefixed), and the seconds taken."""
@@ -375,9 +371,7 @@ class _Trainer:
                     self.stopped = reason = "target"
                     break
                 upcoming = next_measurement(it, c.metric_every)
-                self.stop_detail = quality_plateau(
-                    self.history, self.kind, c.tail, elapsed, upcoming
-                )
+                self.stop_detail = quality_plateau(self.history, self.kind, c.tail, upcoming)
                 if self.stop_detail:
                     reason = "plateau"
                     break

@@ -81,19 +81,15 @@ def step_time(case: tuple, device: torch.device, repeat: int, chunk: int) -> tup
     coords = torch.rand(points, d, device=device) * 2 - 1
     target = torch.rand(blocks, points, out, device=device)
     rows_per_chunk = max(1, chunk // points)
+
+    def block_losses(rows: slice, part: MLPBank) -> torch.Tensor:
+        return (part.forward(coords) - target[rows]).square().flatten(1).mean(1)
+
     times = []
     for _ in range(repeat + 2):
         sync(device)
         t0 = time.perf_counter()
-        for start in range(0, blocks, rows_per_chunk):
-            rows = slice(start, min(start + rows_per_chunk, blocks))
-            part = bank.leaf_rows(rows)
-            loss = (part.forward(coords) - target[rows]).square().flatten(1).mean(1).sum()
-            loss.backward()
-            for g, p in zip(adam.grads, part.params, strict=True):
-                g[rows] = p.grad
-        for p, g in zip(bank.params, adam.grads, strict=True):
-            p.grad = g
+        adam.backward(rows_per_chunk, block_losses)  # the trainer's chunks and gradients
         adam.step()
         sync(device)
         times.append(time.perf_counter() - t0)

@@ -115,21 +115,20 @@ def test_only_a_failed_collective_reads_as_a_lost_rank():
     assert not lost_rank(ValueError("gloo"))
 
 
+def _teapot_args(meshes_dir: Path) -> list:
+    """The fit both mesh tests run: the quality plateau off (it reads the clock, and these
+    runs are compared exactly)."""
+    mesh = meshes_dir / "teapot.obj"
+    return [mesh, "--resolution", "64", "--set", "fit.max_iters=150", "--set", "fit.tail=0"]
+
+
 def _model_tensors(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run / "model.safetensors"))
 
 
 @pytest.mark.slow
 def test_two_ranks_fit_a_mesh_exactly_as_one_process(tmp_path, meshes_dir):
-    args = [
-        meshes_dir / "teapot.obj",
-        "--resolution",
-        "64",
-        "--set",
-        "fit.max_iters=150",
-        "--set",
-        "fit.tail=0",
-    ]
+    args = _teapot_args(meshes_dir)
     one = one_process("fit", *args, "-o", "one", "--threads", "1", cwd=tmp_path)
     two = torchrun("fit", *args, "-o", "two", cwd=tmp_path)
     assert one.returncode == 0, one.stderr
@@ -174,15 +173,7 @@ def test_two_ranks_fit_an_image_as_one_process(tmp_path):
 @pytest.mark.slow
 def test_a_killed_rank_ends_the_job_and_a_resume_finishes_it(tmp_path, meshes_dir):
     (tmp_path / "killer.py").write_text(KILLER)
-    args = [
-        meshes_dir / "teapot.obj",
-        "--resolution",
-        "64",
-        "--set",
-        "fit.max_iters=150",
-        "--set",
-        "fit.tail=0",
-    ]
+    args = _teapot_args(meshes_dir)
     killed = torchrun(
         "fit", *args, "-o", "run", "--checkpoint-every", "5it",
         cwd=tmp_path, script="killer.py", KILL_RANK="1", KILL_AT="23",
