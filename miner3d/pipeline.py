@@ -197,9 +197,12 @@ def run(
             run_dir / rundir.METRICS, None if ckpt is None else ckpt.state["history"]
         )
 
+    history = [] if ckpt is None else list(ckpt.state["history"])
+
     def on_record(record: dict[str, Any]) -> None:
         if log is not None:
             log(record)
+            history.append(record)
         if progress is not None:
             progress(record)
 
@@ -241,6 +244,21 @@ def run(
         where = f"; checkpoint saved; continue with: {launcher}miner3d fit --resume {run_dir}"
         error = FitInterrupted(f"{name}: {exc}{where if run_dir else ''}")
         error.exit_code = 128 + flag.signum if flag.signum else 130
+        if writes:
+            interrupted = {
+                "input": info,
+                "preset": cfg.preset,
+                "device": f"{device.type} ({name})",
+                "shape": list(sig.shape),
+                "stopped": "interrupted",
+                "stop_detail": str(error),
+                **_last_measurement(history, kind),
+                "seconds_load": round(load_seconds, 3),
+                "seconds_total": round(previous + time.perf_counter() - t_start, 3),
+                "peak_rss_bytes": peak_rss(),
+                "versions": rundir.versions(),
+            }
+            rundir.write_json(run_dir / rundir.SUMMARY, interrupted)
         raise error from None
     except RuntimeError as exc:
         if not team.active or not lost_rank(exc):
@@ -310,3 +328,22 @@ def run(
         rundir.write_json(run_dir / rundir.SUMMARY, summary)
         rundir.remove_checkpoints(run_dir)
     return model, summary, result.history
+
+
+def _last_measurement(history: list[dict[str, Any]], kind: Kind) -> dict[str, Any]:
+    """An interrupted fit's figures so far: ``seconds_to_*``, its latest measurement as
+    ``measured_at`` (``{scale, iteration, time}`` and the figure: the full-grid metric at
+    the finest scale, ``level_<metric>`` on a coarser scale's own grid), and the full-grid
+    metric at the top level when that is what it was."""
+    found: dict[str, Any] = {
+        f"seconds_to_{kind.metric}": time_to(history, kind.metric, kind.thresholds)
+    }
+    for record in reversed(history):
+        for key in (kind.metric, f"level_{kind.metric}"):
+            if record.get(key) not in (None, ""):
+                found["measured_at"] = {k: record.get(k) for k in ("scale", "iteration", "time")}
+                found["measured_at"][key] = record[key]
+                if key == kind.metric:
+                    found[key] = record[key]
+                return found
+    return found

@@ -65,7 +65,13 @@ SUMMARY_KEYS: dict[str, str] = {
     "finest_scale_fitted": "the finest scale fitted (0 unless a time limit stopped the fit)",
     "stopped": "why the fit ended: target, time_limit, or how its finest scale ended: plateau "
     "(of the loss, or of the measured quality: see fit.tail), max_iters or all_frozen (every "
-    "block pruned or frozen); an interrupted fit writes no summary (its checkpoint stays)",
+    "block pruned or frozen), or interrupted (a signal; the checkpoint stays, and the summary "
+    "holds only the input, stop_detail with the command that resumes, the latest "
+    "measurement, measured_at, seconds_to_*, seconds_load, seconds_total, peak_rss_bytes and "
+    "versions, until the resumed fit replaces it)",
+    "measured_at": "interrupted fits: the latest measurement, {scale, iteration, time} and its "
+    "figure (the full-grid metric, also given at the top level, or level_<metric> on a coarser "
+    "scale's own grid)",
     "stop_detail": "when the quality plateau rule stopped the fit: what it saw",
     "scale_stop_reasons": "{scale: all_frozen, plateau, max_iters, target or time_limit}",
     "seconds_setup": "seconds building each scale's targets and banks (this session)",

@@ -18,6 +18,7 @@ from miner3d.checkpoint import load_checkpoint
 from miner3d.errors import MinerError
 from miner3d.lock import RunLock
 from miner3d.model import MinerModel
+from miner3d.rundir import SUMMARY_KEYS
 
 
 def _fit(out: Path, mesh: Path, *extra: str) -> subprocess.Popen:
@@ -60,6 +61,10 @@ def test_a_stop_signal_checkpoints_the_current_iteration(tmp_path, meshes_dir, s
     assert f"miner3d fit --resume {out}" in lines[0]
     state = load_checkpoint(out / "checkpoint.safetensors").state
     assert state["scale"] == 1 and state["iteration"] >= seen
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped"] == "interrupted" and summary["stop_detail"] in lines[0]
+    assert summary["measured_at"]["scale"] == 1 and 0.5 < summary["measured_at"]["level_iou"] <= 1
+    assert set(summary) <= set(SUMMARY_KEYS)
     resumed = subprocess.run(
         [sys.executable, "-m", "miner3d", "fit", "--resume", str(out), "-q"],
         capture_output=True,
@@ -67,7 +72,8 @@ def test_a_stop_signal_checkpoints_the_current_iteration(tmp_path, meshes_dir, s
         check=False,
     )
     assert resumed.returncode == 0, resumed.stderr
-    assert json.loads((out / "summary.json").read_text())["iou"] >= 0.99
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["iou"] >= 0.99 and summary["stopped"] != "interrupted"
 
 
 @pytest.mark.slow
