@@ -11,6 +11,10 @@ one that meets it. A threshold not reached within the cap is reported as "not re
     python scripts/bench_fit.py --mesh meshes/stanford-bunny.obj --resolution 256 --cap 300
     python scripts/bench_fit.py --methods miner miner-b16 --csv out.csv --plot out.png
     python scripts/bench_fit.py --image astronaut-4mp --cap 300   # 2D: time to 30/35/40 dB
+    python scripts/bench_fit.py --resolution 256 --methods miner hashgrid hashgrid-t16
+
+The hash-grid methods (``scripts/hashgrid.py``, instant-ngp's encoding in pure PyTorch) have
+their own trainer; their clock counts training only, not their full-grid measurements.
 """
 
 from __future__ import annotations
@@ -35,6 +39,13 @@ METHODS: dict[str, dict] = {
     "miner-share": {"weight_sharing": True},
     "kilonerf": {"n_scales": 1},  # blocks at the finest scale only, no pyramid
     "siren": {"n_scales": 1, "hidden_layers": 3, "w0": 30.0, "points_per_block": 65536},
+}
+# the method users would pick instead (scripts/hashgrid.py): instant-ngp's defaults (tables
+# of 2^19), and tables of 2^16 (about MINER's parameters at 256); its own trainer, fed the
+# same grid, measured the same way, stopped by the same quality plateau rule
+HASHGRID_METHODS: dict[str, dict] = {
+    "hashgrid": {"log2_table": 19},
+    "hashgrid-t16": {"log2_table": 16},
 }
 # every method starts from the `cpu` preset (configs/cpu.yaml: 3 scales of 8^3 blocks, 2 x 22
 # features, prune 2e-3, freeze 1e-4) with every sample per iteration, lr 1e-3 and a 5000
@@ -106,6 +117,8 @@ def _run_child(
 
     miner3d.fit  # noqa: B018 -- import the API (and torch) before the clock starts
     t0 = time.perf_counter()
+    if method in HASHGRID_METHODS:
+        return _run_hashgrid(mesh, resolution, method, cap, lr, t0)
     if image is not None:
         from PIL import Image
 
@@ -159,6 +172,39 @@ def _run_child(
     }
 
 
+def _run_hashgrid(
+    mesh: str, resolution: int, method: str, cap: float, lr: float | None, t0: float
+) -> dict:
+    """One hash-grid fit (``scripts/hashgrid.py``), in this (child) process; the figures of
+    :func:`_run_child`. Its clock counts training only (measurements excluded)."""
+    import time
+
+    import miner3d
+    from miner3d.memory import peak_rss
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from hashgrid import fit_hashgrid
+
+    grid = miner3d.voxelize(mesh, resolution).occupancy
+    prepare_s = time.perf_counter() - t0
+    settings = {**HASHGRID_METHODS[method], "lr": lr or 1e-2}
+    r = fit_hashgrid(grid, cap, thresholds=THRESHOLDS, **settings)
+    return {
+        "method": method,
+        "lr": settings["lr"],
+        "prepare_s": prepare_s,
+        "fit_s": r["seconds"],
+        "quality": r["iou"],
+        "finest_scale": 0,
+        "params": r["params"],
+        "reached": r["reached"],
+        "curve": [(h["time"], h["iou"], 0) for h in r["history"]],
+        "peak_rss": peak_rss(),
+        "config": {**settings, "batch": r["batch"], "stopped": r["stopped"]},
+        "shape": list(grid.shape),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mesh", default=str(ROOT / "meshes" / "lucy.ply"))
@@ -170,7 +216,7 @@ def main() -> None:
         "--methods",
         nargs="*",
         default=None,
-        help=f"3D: {', '.join(METHODS)}; images: {', '.join(IMAGE_METHODS)}",
+        help=f"3D: {', '.join([*METHODS, *HASHGRID_METHODS])}; images: {', '.join(IMAGE_METHODS)}",
     )
     parser.add_argument("--cap", type=float, default=120.0, help="seconds per run")
     parser.add_argument(
@@ -202,6 +248,8 @@ def main() -> None:
 
     image = args.image
     methods = args.methods or list(IMAGE_METHODS if image else METHODS)
+    if image and set(methods) & set(HASHGRID_METHODS):
+        parser.error("the hash-grid methods fit meshes only")
     thresholds = IMAGE_THRESHOLDS if image else THRESHOLDS
     what = f"image {image}" if image else f"mesh {Path(args.mesh).name} at {args.resolution}"
     print(

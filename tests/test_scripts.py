@@ -54,6 +54,7 @@ def test_bench_fit_harness_runs_each_baseline(tmp_path):
         "kilonerf",
         "siren",
         "miner-gaussian",
+        "hashgrid-t16",
         "--set",
         "max_iters=60",
         "--csv",
@@ -62,7 +63,7 @@ def test_bench_fit_harness_runs_each_baseline(tmp_path):
         str(tmp_path / "b.png"),
     )
     lines = (tmp_path / "b.csv").read_text().splitlines()
-    assert len(lines) == 5 and "failed" not in out
+    assert len(lines) == 6 and "failed" not in out
     assert (tmp_path / "b.png").is_file()
 
 
