@@ -175,8 +175,8 @@ class MLPBank:
     ) -> MLPBank:
         """A bank of ``shape`` from :meth:`state_dict`'s keys; a missing key is a
         ``KeyError`` naming it."""
-        n = 2 * len(shape.layer_sizes)
-        return cls(shape, [state[f"param{i}"].to(device) for i in range(n)])
+        n = 2 * len(shape.layer_sizes)  # float16 weights (a model file's) compute in float32
+        return cls(shape, [state[f"param{i}"].to(device, torch.float32) for i in range(n)])
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Replace the parameters by :meth:`state_dict`'s tensors (on their current device)."""

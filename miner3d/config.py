@@ -91,12 +91,25 @@ class FitConfig:
     leaves the result unchanged (every block's gradient is its own). 0: 2^14 on a CPU for
     22 features (a chunk's activations stay in the caches and come from the heap: the step
     ran 3x faster than at 2^19), 2^19 on a GPU (see :meth:`chunk_samples`)."""
+    weights: str = "float32"
+    """How ``model.safetensors`` stores the MLPs' weights and biases: ``float32``, or
+    ``float16`` (half the bytes; the fit's end rounds the weights, measures the rounded
+    model on the full grid again, and reports that: ``summary.json``'s ``before_rounding``
+    keeps the fitted figures). Checkpoints always keep float32."""
     seed: int = 0
     """Seed of the MLP initialisation and of the sample draws."""
     time_limit: float = 0.0
     """Wall-clock cap of the whole fit in seconds (0: none); the scale in progress is kept."""
     target: float = 0.0
     """Stop once the finest scale's measured quality reaches this (IoU, or PSNR in dB; 0: off)."""
+
+    def block_points(self, live_blocks: int) -> int:
+        """Samples per block per iteration when a scale has ``live_blocks`` MLPs over every
+        rank (0: all ``b^d``): :attr:`iteration_samples` shared, at least 64 a block, or
+        :attr:`points_per_block`."""
+        if self.iteration_samples:
+            return max(64, self.iteration_samples // max(1, live_blocks))
+        return self.points_per_block
 
     def chunk_samples(self, device_type: str = "cpu") -> int:
         """Samples per forward/backward chunk: :attr:`batch_samples`, or when 0 the default
@@ -138,6 +151,7 @@ class FitConfig:
             "time_limit": self.time_limit >= 0,
             "target": self.target >= 0,
             "seed": 0 <= self.seed < 2**63,
+            "weights": self.weights in ("float32", "float16"),
         }
         for f in fields(self):  # no float field may be inf or nan; no int beyond 2^63
             value = getattr(self, f.name)

@@ -35,6 +35,7 @@ import torch
 from . import sampling
 from .bank import BankShape, MLPBank
 from .blocks import BlockLayout, local_coordinates, scatter_blocks
+from .errors import MinerError
 from .grid import GridTransform
 from .metrics import MetricSums, block_sums
 from .pyramid import interpolate_at, interpolate_blocks
@@ -91,6 +92,8 @@ class MinerModel:
         self._slots: dict[int, torch.Tensor] = {}
         self._dense: dict[int, torch.Tensor] = {}
         self._coords = local_coordinates(layout.block, layout.ndim, self.device)
+        self.weights = "float32"
+        """How :meth:`save` stores the MLPs' weights (see :meth:`round_weights`)."""
 
     # -- bookkeeping ---------------------------------------------------------------------
     def set_scale(self, j: int, block_ids: torch.Tensor, bank: MLPBank) -> None:
@@ -298,12 +301,32 @@ class MinerModel:
     query = sampling.query  # the model at arbitrary points, fractional levels of detail
 
     # -- files ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def round_weights(self, dtype: str) -> None:
+        """Round every MLP weight and bias to ``dtype`` (``float16``; ``float32`` leaves
+        them), in place, still computed in float32, so the model in memory is the one
+        :meth:`save` then stores in ``dtype``. Decoded fields are dropped; a weight beyond
+        float16's range is an error (never an infinity in the file)."""
+        if dtype == "float32":
+            return
+        for j, scale in enumerate(self.scales):
+            for p in [] if scale is None else scale.bank.params:
+                if len(p) and float(p.abs().max()) > torch.finfo(torch.float16).max:
+                    raise MinerError(f"scale {j} has weights beyond float16's range")
+                p.copy_(p.to(torch.float16))
+        self._dense.clear()
+        self.weights = dtype
+
     def _file_parts(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """The tensors (CPU, contiguous) and the JSON header of the model file."""
+        """The tensors (CPU, contiguous; weights in :attr:`weights`) and the JSON header of
+        the model file."""
         tensors: dict[str, torch.Tensor] = {}
+        dtype = getattr(torch, self.weights)
         for j in range(self.layout.n_scales):
             state = self.scale_state_dict(j)
-            tensors.update({k: v.detach().cpu().contiguous() for k, v in state.items()})
+            for k, v in state.items():
+                v = v.detach().cpu().contiguous()
+                tensors[k] = v.to(dtype) if v.is_floating_point() else v
         header = {
             "format": "miner3d-model",
             "version": MODEL_FORMAT_VERSION,
@@ -348,4 +371,6 @@ class MinerModel:
         )
         for j in range(head.layout.n_scales):
             model.load_scale_state_dict(j, tensors)
+        if any(t.dtype == torch.float16 for t in tensors.values()):
+            model.weights = "float16"
         return model

@@ -108,6 +108,8 @@ def check_tensors(head: ModelHeader, tensors: dict[str, torch.Tensor], prefix_of
                 param = tensors.get(f"{prefix}param{i}")
                 if param is None:
                     raise ValueError(f"tensor {prefix}param{i} is missing")
+                if param.dtype not in (torch.float32, torch.float16):
+                    raise ValueError(f"{prefix}param{i} is {param.dtype}, not float32 or float16")
                 if tuple(param.shape) != (len(ids), *expected):
                     raise ValueError(
                         f"{prefix}param{i} is {tuple(param.shape)}, expected "

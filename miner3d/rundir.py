@@ -82,6 +82,8 @@ SUMMARY_KEYS: dict[str, str] = {
     "ranks": "[{rank, host, seconds_fitting, mlp_blocks (its share of the scales fitted in "
     "this session), "
     "peak_rss_bytes (at the fit's end)}], one per rank",
+    "before_rounding": "with fit.weights float16: the finest scale's figures before the "
+    "weights were rounded (the top-level ones are the stored model's, measured again)",
     "params": "parameters of every MLP of the model",
     "scale_seconds": "{scale: seconds spent fitting it}",
     "scales": "{scale: quality at its end}: the finest scale's full-grid figures (iou, iou_04 "

@@ -17,6 +17,7 @@ import torch
 
 from .bank import BankAdam, BankShape, MLPBank
 from .checkpoint import CURRENT, Checkpoint, prefixed
+from .config import FitConfig
 from .metrics import MetricSums
 from .targets import Residuals, ScaleTargets, compact
 
@@ -54,6 +55,14 @@ class ScaleState:
     lr: float = 0.0
     """The learning rate the scale started with (a resume may change it only from the next
     scale on)."""
+
+    def loss_plateau(self, it: int, loss: float, config: FitConfig) -> bool:
+        """At the end of each ``plateau_window`` iterations: whether ``loss`` improved on
+        the window's first by less than ``plateau_tol`` of it (else a new window starts)."""
+        if not config.plateau_tol or it % config.plateau_window:
+            return False
+        last, self.window_loss = self.window_loss, loss
+        return last is not None and last - loss < config.plateau_tol * last
 
     @classmethod
     def start(cls, j: int, targets: ScaleTargets, bank: MLPBank, lr: float) -> ScaleState:

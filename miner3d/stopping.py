@@ -1,6 +1,6 @@
-"""When the trainer measures quality, and the finest scale's quality plateau (no long tails).
+"""When the trainer measures quality, when ranks meet, and the finest scale's quality plateau.
 
-Both read only what every rank holds alike (the iteration, the history logged at the ranks'
+All read only what every rank holds alike (the iteration, the history logged at the ranks'
 common clock), so every rank takes the same decision at the same iteration, and a resumed
 fit (whose history is restored) takes the one the uninterrupted fit would have.
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .config import FitConfig
 from .kinds import Kind
 
 
@@ -35,9 +36,30 @@ def next_measurement(it: int, every: int) -> int:
     return k
 
 
-def prefixed_fields(fields: dict[str, float], prefix: str) -> dict[str, float]:
-    """``fields`` with ``prefix`` before every key (``level_`` for a coarse scale's)."""
-    return {prefix + k: v for k, v in fields.items()}
+LOG_EVERY = 50
+"""Iterations between the trainer's logged iteration records (besides measurements)."""
+
+
+def decide_now(it: int, config: FitConfig, ranks: bool, measuring: bool, every: int) -> bool:
+    """Whether iteration ``it`` takes the decisions every rank must agree on, through one
+    all-reduce (the loss, the live blocks, a stop request, a checkpoint due, the time
+    limit): at every iteration of a single process; with several ranks only where one can
+    change or is needed: freezing (every ``freeze_every``), the loss plateau's window, a
+    measurement (``measuring``), a checkpoint every ``every`` iterations (0: none), a
+    logged iteration, the first and the last. The ranks then meet about every
+    ``freeze_every`` iterations instead of at each (an all-reduce costs 0.35 to 0.9 ms on
+    loopback, an iteration of a small fit about 1 ms); a stop request or the time limit is
+    acted on at the next such iteration."""
+    c = config
+    return (
+        not ranks
+        or measuring
+        or it in (1, c.max_iters)
+        or it % c.freeze_every == 0
+        or it % c.plateau_window == 0
+        or it % LOG_EVERY == 0
+        or (bool(every) and it % every == 0)
+    )
 
 
 def quality_plateau(history: list[dict[str, Any]], kind: Kind, tail: float, upcoming: int) -> str:

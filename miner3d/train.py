@@ -43,7 +43,7 @@ from .model import MinerModel
 from .scale import ScaleState
 from .sharding import gather_bank, measure, rank_figures, reduce_sums, shard_targets
 from .source import SignalSource
-from .stopping import measure_now, next_measurement, prefixed_fields, quality_plateau
+from .stopping import LOG_EVERY, decide_now, measure_now, next_measurement, quality_plateau
 from .targets import Residuals
 
 __all__ = ["DivergedError", "FitInterrupted", "FitResult", "fit", "pick_device"]
@@ -226,10 +226,7 @@ class _Trainer:
             t0 = time.perf_counter()
             self.scale_metrics[j] = self._fit_scale(j, resume if j == first else None)
             if j > 0 and self.stopped == "time_limit":  # the fit ends at a coarse scale
-                t1 = time.perf_counter()  # so its figures are the full grid's, exactly
-                sums = measure(self.model, self.source, self.team, j, self.kind.binary, self.batch)
-                self.stage_seconds["measuring"] += time.perf_counter() - t1
-                self.scale_metrics[j] |= self.kind.metric_fields(sums, self.peak)
+                self.scale_metrics[j] |= self._full_grid(j)  # so its figures are exact
             self.scale_times[j] = self.scale_times.get(j, 0.0) + time.perf_counter() - t0
             self._log(
                 {
@@ -244,6 +241,10 @@ class _Trainer:
             if j > 0 and self.stopped is None:
                 self._save(j - 1, None)
         finest = min(self.scale_metrics)
+        fitted = self.scale_metrics[finest]
+        if c.weights != "float32":  # the stored model's own figures, measured again
+            self.model.round_weights(c.weights)
+            self.scale_metrics[finest] = fitted | self._full_grid(finest)
         stages = {f"seconds_{k}": round(v, 3) for k, v in self.stage_seconds.items()}
         summary = {
             "seconds": round(time.perf_counter() - self.start, 3),
@@ -251,6 +252,7 @@ class _Trainer:
             "stopped": self.stopped or self.scale_stops.get(finest, "max_iters"),
             **({"stop_detail": self.stop_detail} if self.stop_detail else {}),
             **stages,
+            **({"before_rounding": fitted} if c.weights != "float32" else {}),
             "params": self.model.n_params,
             "scale_seconds": {str(k): round(v, 3) for k, v in self.scale_times.items()},
             "scales": {str(k): v for k, v in self.scale_metrics.items()},
@@ -264,6 +266,13 @@ class _Trainer:
         summary.update(self.scale_metrics[finest])
         self.model.meta["summary"] = summary
         return FitResult(self.model, self.history, summary)
+
+    def _full_grid(self, j: int) -> dict[str, float]:
+        """Level of detail ``j``'s exact full-grid figures (each rank measures its share)."""
+        t0 = time.perf_counter()
+        sums = measure(self.model, self.source, self.team, j, self.kind.binary, self.batch)
+        self.stage_seconds["measuring"] += time.perf_counter() - t0
+        return self.kind.metric_fields(sums, self.peak)
 
     def _start_scale(self, j: int, resume: Checkpoint | None) -> ScaleState:
         """The state of scale ``j`` at its start, or as a checkpoint left it."""
@@ -294,7 +303,7 @@ class _Trainer:
         """The scale's quality figures as it stands (keys prefixed), and the seconds taken."""
         t0 = time.perf_counter()
         sums = reduce_sums(self.team, st.live_metrics(self.residuals))
-        fields = prefixed_fields(self.kind.metric_fields(sums, self.peak), prefix)
+        fields = {prefix + k: v for k, v in self.kind.metric_fields(sums, self.peak).items()}
         return fields, time.perf_counter() - t0
 
     def _fit_scale(self, j: int, resume: Checkpoint | None = None) -> dict[str, float]:
@@ -308,9 +317,7 @@ class _Trainer:
         measuring, reason = 0.0, "max_iters"
         n_live = self.n_live  # over every rank
         params_now = self.model.n_params + n_live * self.model.bank_shape.params_per_block
-        n_samples, points = self.coords.shape[0], c.points_per_block
-        if c.iteration_samples:
-            points = max(64, c.iteration_samples // max(1, n_live))
+        n_samples, points = self.coords.shape[0], c.block_points(n_live)
         chunk = c.chunk_samples(self.device.type)
         prefix = "" if j == 0 else "level_"
         last_checkpoint = time.perf_counter()
@@ -335,7 +342,11 @@ class _Trainer:
             loss = st.frozen_mse + float(block_mse.sum())
             if it % c.freeze_every == 0 and math.isfinite(loss):
                 st.freeze(block_mse, c.freeze_mse, self.residuals)
+            measuring_now = c.metric_every and measure_now(j, it, c.metric_every)
             every = self.checkpoint_iterations
+            if not decide_now(it, c, self.team.active, measuring_now, every):
+                st.iteration = it  # no decision can change here: the ranks need not meet
+                continue
             due = time.perf_counter() - last_checkpoint > self.checkpoint_seconds
             elapsed = time.perf_counter() - self.start
             over = bool(c.time_limit) and elapsed > c.time_limit
@@ -350,10 +361,10 @@ class _Trainer:
                     f"the loss became {loss} at scale {j}, iteration {it} (learning rate "
                     f"{st.opt.lr:.3g} at that iteration)"
                 )
-            if c.metric_every and measure_now(j, it, c.metric_every):
+            if measuring_now:
                 record, seconds = self._measure(st, prefix)
                 measuring += seconds
-            if record is not None or it % 50 == 0 or it == 1:
+            if record is not None or it % LOG_EVERY == 0 or it == 1:
                 head = {"event": "iteration", "scale": j, "iteration": it, "loss": loss}
                 sizes = {"live_blocks": active, "mlp_blocks": n_live, "params": params_now}
                 self._log(head | sizes | (record or {}), at=elapsed)
@@ -375,14 +386,9 @@ class _Trainer:
                 if self.stop_detail:
                     reason = "plateau"
                     break
-            if c.plateau_tol > 0 and it % c.plateau_window == 0:
-                if (
-                    st.window_loss is not None
-                    and st.window_loss - loss < c.plateau_tol * st.window_loss
-                ):
-                    reason = "plateau"
-                    break
-                st.window_loss = loss
+            if st.loss_plateau(it, loss, c):
+                reason = "plateau"
+                break
         if record is None:  # the scale's end as it stands (only active blocks evaluated)
             record, seconds = self._measure(st, prefix)
             measuring += seconds

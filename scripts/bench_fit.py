@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # 3D: name -> FitConfig overrides on top of BASE; "siren" is sized at run time
 METHODS: dict[str, dict] = {
     "miner": {},  # the cpu preset's shape: 3 scales of 8^3 blocks
+    "miner-auto": {},  # what `miner3d fit` does: the preset it picks, none of BASE's changes
     "miner-b16": {"n_scales": 4, "block": 16, "prune_mse": 5e-4},  # the paper's layout
     "miner-gaussian": {"pyramid": "gaussian"},
     "miner-noprune": {"prune_mse": 0.0, "freeze_mse": 0.0},
@@ -132,6 +133,8 @@ def _run_child(
         source = miner3d.voxelize(mesh, resolution)
         shape, preset = source.shape, PRESET
         values = {**BASE, **METHODS[method]}
+        if method == "miner-auto":
+            preset, values = None, {}
         metric, target_params = "iou", 190_000
         io = (3, 1)
     prepare_s = time.perf_counter() - t0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 import trimesh
 
 import miner3d
@@ -143,3 +144,27 @@ def test_large_grids_on_a_cpu_start_from_the_large_preset(meshes_dir):
     result = miner3d.fit(thin, kind="occupancy", device="cpu", max_iters=5)
     assert result.summary["preset"] == "cpu-large"
     assert miner3d.fit(thin[:, :, :256], kind="occupancy", max_iters=5).summary["preset"] == "cpu"
+
+
+def test_float16_weights_halve_the_model_and_report_its_own_quality(tmp_path, meshes_dir):
+    from miner3d.evaluate import grid_iou
+    from miner3d.io import read_safetensors
+    from miner3d.model import MinerModel
+
+    grid = miner3d.voxelize(meshes_dir / "lucy.ply", 64)
+    args = {"max_iters": 80, "n_scales": 2, "tail": 0}
+    full = miner3d.fit(grid, output=tmp_path / "f32", mesh_scales="none", **args)
+    half = miner3d.fit(grid, output=tmp_path / "f16", mesh_scales="none", weights="float16", **args)
+    _, tensors = read_safetensors(tmp_path / "f16" / "model.safetensors", "miner3d", "model")
+    params = [t for k, t in tensors.items() if ".param" in k]
+    assert params and all(t.dtype == torch.float16 for t in params)
+    assert 0.45 < half.summary["model_bytes"] / full.summary["model_bytes"] < 0.56
+    # the same fit until the rounding: the fitted figures are the float32 run's
+    assert half.summary["before_rounding"]["iou"] == full.summary["iou"]
+    model = MinerModel.load(tmp_path / "f16" / "model.safetensors")
+    assert model.weights == "float16"
+    stored = grid_iou(model, grid.occupancy, 0).iou(0)
+    assert stored == pytest.approx(half.summary["iou"], abs=1e-12)  # the file's own IoU
+    assert abs(stored - full.summary["iou"]) < 1e-3
+    with pytest.raises(miner3d.MinerError, match="weights"):
+        miner3d.fit(grid, weights="bfloat16")
