@@ -82,9 +82,7 @@ def fit_bytes(
     cache = 2 * channels * b**d * live[0]
     cache = cache if cache <= fit.cache_targets else 0
     banks = 4 * per_block * (sum(live[1:]) + 5 * live[0])
-    samples = b**d if not fit.points_per_block else min(b**d, fit.points_per_block)
-    if fit.iteration_samples:
-        samples = min(b**d, max(64, fit.iteration_samples // max(1, live[0])))
+    samples = min(b**d, fit.block_points(live[0]) or b**d)  # 0: every sample
     chunk = min(fit.chunk_samples(), samples * max(1, live[0]))
     width = max(fit.hidden, channels)
     activations = chunk * (3 * fit.hidden_layers + 2) * width * 4
