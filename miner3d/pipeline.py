@@ -216,6 +216,8 @@ def run(
             log.rewrite(state.state["history"])
 
     meta = {"source": info["source"], "source_sha256": info["sha256"], **sig.info}
+    about = {"input": info, "preset": cfg.preset, "device": f"{device.type} ({name})"}
+    about["shape"] = list(sig.shape)  # summary.json's first keys, interrupted or not
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     try:
@@ -246,10 +248,7 @@ def run(
         error.exit_code = 128 + flag.signum if flag.signum else 130
         if writes:
             interrupted = {
-                "input": info,
-                "preset": cfg.preset,
-                "device": f"{device.type} ({name})",
-                "shape": list(sig.shape),
+                **about,
                 "stopped": "interrupted",
                 "stop_detail": str(error),
                 **_last_measurement(history, kind),
@@ -303,10 +302,7 @@ def run(
     samples = math.prod(sig.shape) * sig.channels
     reference = kind.reference_bytes(samples, sig.data.dtype.itemsize)
     summary = {
-        "input": info,
-        "preset": cfg.preset,
-        "device": f"{device.type} ({name})",
-        "shape": list(sig.shape),
+        **about,
         **result.summary,
         f"seconds_to_{kind.metric}": time_to(result.history, kind.metric, kind.thresholds),
         **({"ssim": ssim} if kind.lod_output in ("image", "volume") else {}),

@@ -134,11 +134,7 @@ class HashGridField(nn.Module):
 def _centres(flat: torch.Tensor, shape: tuple[int, ...], longest: int) -> torch.Tensor:
     """Voxel centres of flat indices ``flat`` ``(N,)`` of a C-order grid of ``shape``, in
     ``[0, 1]`` along the longest axis (cubic voxels). Returns ``(N, d)`` float32."""
-    coords, rest = [], flat
-    for n in reversed(shape):
-        coords.append(rest % n)
-        rest = rest // n
-    return (torch.stack(coords[::-1], 1).float() + 0.5) / longest
+    return (torch.stack(torch.unravel_index(flat, shape), 1).float() + 0.5) / longest
 
 
 def surface_voxels(grid: np.ndarray) -> torch.Tensor:
@@ -197,6 +193,7 @@ def fit_hashgrid(
     indices, the tables (``4 * features * sum(table sizes)`` bytes, with their gradient and
     Adam's two moments) and one batch's encoding."""
     from miner3d.kinds import get_kind
+    from miner3d.metrics import time_to
     from miner3d.stopping import measure_now, next_measurement, quality_plateau
 
     torch.manual_seed(seed)
@@ -259,9 +256,7 @@ def fit_hashgrid(
         "seconds": clock,
         "seconds_measuring": measuring,
         "iterations": it,
-        "reached": {
-            str(t): next((r["time"] for r in history if r["iou"] >= t), None) for t in thresholds
-        },
+        "reached": time_to(history, "iou", thresholds),
         "history": history,
         "stopped": stopped,
         "batch": batch,
