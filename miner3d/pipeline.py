@@ -85,9 +85,13 @@ class StopFlag:
                 break
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
+        # another rank died: torchrun now sends this one SIGTERM, which must not cut off the
+        # one-line error that names the lost rank (this rank ends with it anyway)
+        ending = exc is not None and lost_rank(exc)
         for signum, previous in self._previous.items():
-            signal.signal(signum, previous)
+            ignore = ending and signum == signal.SIGTERM
+            signal.signal(signum, signal.SIG_IGN if ignore else previous)
         self._previous.clear()
 
 
