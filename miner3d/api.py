@@ -49,10 +49,15 @@ class FitResult:
     """What :func:`fit` returns: the model, the summary (``summary.json``'s keys), the history
     (``metrics.csv``'s rows) and the run directory (``None`` without ``output``)."""
 
-    model: Model
+    model: Model | None
+    """``None`` on the ranks other than 0 of a torchrun fit (rank 0 holds the whole model)."""
     summary: dict[str, Any]
     history: list[dict[str, Any]] = field(default_factory=list)
     run_dir: Path | None = None
+
+
+def _wrap(model: MinerModel | None) -> Model | None:
+    return None if model is None else Model(model)
 
 
 def load(path: str | Path, device: str = "cpu") -> Model:
@@ -106,8 +111,8 @@ def fit(
 
     Started by ``torchrun`` with several ranks, every rank calls this with the same
     arguments: the ranks share each scale's blocks (:mod:`miner3d.distributed`), rank 0
-    alone writes ``output`` (its name is rank 0's) and reports, and every rank returns the
-    whole model.
+    alone writes ``output`` (its name is rank 0's) and reports, and returns the whole model;
+    the other ranks return ``model=None`` (each held only its blocks and their halo).
     """
     budget = _budget(max_memory)
     signal_in, path, the_kind = _source(source, kind)
@@ -121,7 +126,7 @@ def fit(
         model, summary, history = pipeline.run(
             *args, None, None, budget, progress, banner, team=team
         )
-        return FitResult(Model(model), summary, history, None)
+        return FitResult(_wrap(model), summary, history, None)
     run_dir = Path(team.broadcast_text(str(output)))
     started = time.time() - 1e-3
 
@@ -142,7 +147,7 @@ def fit(
     finally:
         if lock is not None:
             lock.release()
-    return FitResult(Model(model), summary, history, run_dir)
+    return FitResult(_wrap(model), summary, history, run_dir)
 
 
 RESUME_CHANGES = (
@@ -231,7 +236,7 @@ def resume(
     finally:
         if lock is not None:
             lock.release()
-    return FitResult(Model(model), summary, history, run_dir)
+    return FitResult(_wrap(model), summary, history, run_dir)
 
 
 def _budget(max_memory: int | str | None) -> int | None:

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .errors import MinerError
+
 
 @dataclass(frozen=True)
 class BankShape:
@@ -286,6 +288,18 @@ class BankAdam:
 
 
 _MASK64 = (1 << 64) - 1
+
+
+@torch.no_grad()
+def round_params(params: list[torch.Tensor], dtype: str, what: str = "the model") -> None:
+    """Round ``params`` in place to ``dtype`` (``float16``; ``float32`` leaves them), still
+    held in float32; a value beyond float16's range is an error naming ``what``."""
+    if dtype == "float32":
+        return
+    for p in params:
+        if len(p) and float(p.abs().max()) > torch.finfo(torch.float16).max:
+            raise MinerError(f"{what} has weights beyond float16's range")
+        p.copy_(p.to(torch.float16))
 
 
 def _mix(z: np.ndarray) -> np.ndarray:

@@ -91,6 +91,33 @@ class BlockLayout:
             for axis in range(self.ndim)
         ]
 
+    def rows_of_ids(self, j: int, lo: int, hi: int) -> tuple[int, int]:
+        """The block rows ``[r0, r1)`` along the first axis of scale ``j`` that hold the
+        block ids ``[lo, hi)`` (C order: a run of ids is a slab of rows); ``(0, 0)`` if
+        empty."""
+        if hi <= lo:
+            return 0, 0
+        per_row = math.prod(self.grid(j)[1:])
+        return lo // per_row, (hi - 1) // per_row + 1
+
+    def ids_of_rows(self, j: int, rows: tuple[int, int]) -> tuple[int, int]:
+        """The block ids ``[lo, hi)`` of scale ``j``'s block rows ``[r0, r1)``."""
+        per_row = math.prod(self.grid(j)[1:])
+        return rows[0] * per_row, rows[1] * per_row
+
+    def halo_rows(self, s: int, rows: tuple[int, int], k: int) -> tuple[int, int]:
+        """The block rows of scale ``k > s`` that linear interpolation (:mod:`.pyramid`) reads
+        at the samples of scale ``s``'s block rows ``rows``: their span, one sample more on
+        each side, two at the top (a batch's patches may reach one further), in whole
+        blocks. ``(0, 0)`` for no rows."""
+        if rows[1] <= rows[0]:
+            return 0, 0
+        b, factor = self.block, 2 ** (k - s)
+        top = self.scale_shape(k)[0] - 1
+        lo = max(0, math.floor((rows[0] * b + 0.5) / factor - 0.5) - 1)
+        hi = min(top, math.floor((rows[1] * b - 0.5) / factor - 0.5) + 2)
+        return lo // b, hi // b + 1
+
     def valid_mask(self, j: int, ids: torch.Tensor) -> torch.Tensor | None:
         """``(n, b, ..., b)`` bool mask of the samples inside the unpadded signal, or ``None``
         when the grid needs no padding at this scale."""

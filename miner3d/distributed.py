@@ -79,6 +79,21 @@ class Team:
         out = torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)])
         return out.to(rows.device)
 
+    def all_to_all(self, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Send ``rows`` ``(n, ...)``, cut in runs of ``counts[q]`` rows for rank ``q`` in
+        rank order, and return the runs every rank sent this one, in rank order (one
+        all-to-all of the counts, one of the rows). Memory: the rows sent and received."""
+        if not self.active:
+            return rows
+        send = torch.tensor(counts, dtype=torch.long, device=self.device)
+        got = torch.empty_like(send)
+        torch.distributed.all_to_all_single(got, send)
+        sizes = [int(n) for n in got]
+        here = rows.to(self.device).contiguous()
+        out = here.new_empty((sum(sizes), *here.shape[1:]))
+        torch.distributed.all_to_all_single(out, here, sizes, list(counts))
+        return out.to(rows.device)
+
     def broadcast_text(self, text: str) -> str:
         """Rank 0's ``text`` on every rank (UTF-8, cut to 4 KiB)."""
         if not self.active:

@@ -33,9 +33,8 @@ from typing import Any
 import torch
 
 from . import sampling
-from .bank import BankShape, MLPBank
+from .bank import BankShape, MLPBank, round_params
 from .blocks import BlockLayout, local_coordinates, scatter_blocks
-from .errors import MinerError
 from .grid import GridTransform
 from .metrics import MetricSums, block_sums
 from .pyramid import interpolate_at, interpolate_blocks
@@ -91,13 +90,22 @@ class MinerModel:
         self.scales: list[ScaleBank | None] = [None] * layout.n_scales
         self._slots: dict[int, torch.Tensor] = {}
         self._dense: dict[int, torch.Tensor] = {}
+        self._rows: dict[int, tuple[int, int]] = {}  # scales held as a window of rows
         self._coords = local_coordinates(layout.block, layout.ndim, self.device)
         self.weights = "float32"
         """How :meth:`save` stores the MLPs' weights (see :meth:`round_weights`)."""
 
     # -- bookkeeping ---------------------------------------------------------------------
-    def set_scale(self, j: int, block_ids: torch.Tensor, bank: MLPBank) -> None:
-        """Install scale ``j``'s bank (rows in the order of ``block_ids``)."""
+    def set_scale(
+        self, j: int, block_ids: torch.Tensor, bank: MLPBank, rows: tuple[int, int] | None = None
+    ) -> None:
+        """Install scale ``j``'s bank (rows in the order of ``block_ids``). ``rows``: the
+        model holds only the block rows ``[r0, r1)`` of the scale's first axis (a rank's
+        window, see :mod:`miner3d.sharding`; its dense field is then that window, and asking
+        for a block outside it is an error); ``None``: the whole scale."""
+        self._rows.pop(j, None)
+        if rows is not None:
+            self._rows[j] = rows
         order = torch.argsort(block_ids)
         ids = block_ids[order].to(self.device)
         bank = MLPBank(
@@ -167,6 +175,10 @@ class MinerModel:
         scale = self.scales[j]
         if scale is None or len(ids) == 0:
             return out
+        if j in self._rows:  # a window: a block outside it would read as one without an MLP
+            r0, r1 = self.layout.rows_of_ids(j, int(ids.min()), int(ids.max()) + 1)
+            if r0 < self._rows[j][0] or r1 > self._rows[j][1]:
+                raise RuntimeError(f"blocks of scale {j} outside the rows held {self._rows[j]}")
         slots = self._slots[j][ids]
         has = slots >= 0
         if has.any():
@@ -182,20 +194,29 @@ class MinerModel:
         if k == 0:
             raise ValueError("scale 0 is never held dense; use block_outputs")
         if k not in self._dense:
-            field = torch.zeros(
-                (self.channels, *self.layout.scale_shape(k)),
-                dtype=torch.float16,
-                device=self.device,
-            )
+            shape = list(self.layout.scale_shape(k))
+            r0, r1 = self._rows.get(k, (0, 0))
+            if k in self._rows:  # a window of rows: the field's first axis is cut to it
+                shape[0] = (r1 - r0) * self.layout.block
+            field = torch.zeros((self.channels, *shape), dtype=torch.float16, device=self.device)
             scale = self.scales[k]
             if scale is not None:
                 batch = max(1, batch_samples // self.layout.block**self.layout.ndim)
                 for start in range(0, len(scale.block_ids), batch):
                     ids = scale.block_ids[start : start + batch]
                     coords = self.layout.unravel(k, ids)
+                    coords[:, 0] -= r0
                     scatter_blocks(field, self.layout.block, coords, self.block_outputs(k, ids))
             self._dense[k] = field
         return self._dense[k]
+
+    def _window(self, k: int) -> dict[str, int]:
+        """How :mod:`.pyramid` reads scale ``k``'s dense field: a window's first row and the
+        whole axis's length (nothing for a whole field)."""
+        if k not in self._rows:
+            return {}
+        whole = self.layout.scale_shape(k)[0]
+        return {"origin": self._rows[k][0] * self.layout.block, "extent": whole}
 
     @torch.no_grad()
     def evaluate_blocks(
@@ -215,7 +236,8 @@ class MinerModel:
                 total += self.block_outputs(s, ids)
             else:
                 positions = self.layout.block_axis_positions(s, ids, at_scale=k)
-                total += interpolate_blocks(self.residual_field(k), positions).movedim(0, 1)
+                field = self.residual_field(k)
+                total += interpolate_blocks(field, positions, **self._window(k)).movedim(0, 1)
         return total
 
     @torch.no_grad()
@@ -236,7 +258,8 @@ class MinerModel:
                 ((coords[:, a : a + 1] * b + local[:, a] + 0.5) / factor - 0.5).float()
                 for a in range(d)
             ]
-            total += interpolate_at(self.residual_field(k), positions).movedim(0, 1)
+            field = self.residual_field(k)
+            total += interpolate_at(field, positions, **self._window(k)).movedim(0, 1)
         return total
 
     def new_bank(self, j: int, ids: torch.Tensor, seed: int, share: bool = False) -> MLPBank:
@@ -310,10 +333,7 @@ class MinerModel:
         if dtype == "float32":
             return
         for j, scale in enumerate(self.scales):
-            for p in [] if scale is None else scale.bank.params:
-                if len(p) and float(p.abs().max()) > torch.finfo(torch.float16).max:
-                    raise MinerError(f"scale {j} has weights beyond float16's range")
-                p.copy_(p.to(torch.float16))
+            round_params([] if scale is None else scale.bank.params, dtype, f"scale {j}")
         self._dense.clear()
         self.weights = dtype
 

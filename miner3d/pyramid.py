@@ -19,7 +19,22 @@ import itertools
 import torch
 
 
-def interpolate_at(field: torch.Tensor, positions: list[torch.Tensor]) -> torch.Tensor:
+def _window_index(index: torch.Tensor, origin: int, rows: int) -> torch.Tensor:
+    """Indices along axis 0 of the whole field -> rows of a window that starts at row
+    ``origin`` and holds ``rows`` rows; an index outside the window is an error (a
+    negative one would silently wrap)."""
+    index = index - origin
+    if len(index.reshape(-1)) and (int(index.min()) < 0 or int(index.max()) >= rows):
+        raise RuntimeError("interpolation reads outside the window of the field held")
+    return index
+
+
+def interpolate_at(
+    field: torch.Tensor,
+    positions: list[torch.Tensor],
+    origin: int = 0,
+    extent: int | None = None,
+) -> torch.Tensor:
     """Linear interpolation of a cell-centred field at continuous index positions.
 
     Args:
@@ -28,21 +43,28 @@ def interpolate_at(field: torch.Tensor, positions: list[torch.Tensor]) -> torch.
             ``q`` on an axis means the centre of voxel ``q`` (voxel ``i`` spans
             ``[i - 0.5, i + 0.5)``). Out-of-range positions clamp to the border voxel, like
             ``F.interpolate`` with ``align_corners=False``.
+        origin, extent: ``field`` is a window of a longer field: its rows ``[origin, origin
+            + field.shape[1])`` along the first axis of ``extent`` rows (the whole field by
+            default). Positions and border clamping are the whole field's.
 
     Returns:
         ``(C, *broadcast_shape)``: e.g. positions of shapes ``(n, b, 1, 1)``, ``(n, 1, b, 1)``,
         ``(n, 1, 1, b)`` give the ``(C, n, b, b, b)`` values of ``n`` blocks of ``b^3``
         voxels; positions of shape ``(P,)`` give ``(C, P)`` values at ``P`` points.
     """
+    whole = field.shape[1] if extent is None else extent
     lows, highs, weights = [], [], []
     for axis, q in enumerate(positions):
-        n = field.shape[1 + axis]
+        n = whole if axis == 0 else field.shape[1 + axis]
         q = q.clamp(min=0.0, max=float(n - 1))
         lo = q.floor()
         weights.append(q - lo)
         lo = lo.long()
+        hi = (lo + 1).clamp(max=n - 1)
+        if axis == 0 and extent is not None:
+            lo, hi = (_window_index(i, origin, field.shape[1]) for i in (lo, hi))
         lows.append(lo)
-        highs.append((lo + 1).clamp(max=n - 1))
+        highs.append(hi)
     out = None
     for corner in itertools.product((0, 1), repeat=len(positions)):
         index = tuple(highs[a] if c else lows[a] for a, c in enumerate(corner))
@@ -55,7 +77,12 @@ def interpolate_at(field: torch.Tensor, positions: list[torch.Tensor]) -> torch.
     return out
 
 
-def interpolate_blocks(field: torch.Tensor, positions: list[torch.Tensor]) -> torch.Tensor:
+def interpolate_blocks(
+    field: torch.Tensor,
+    positions: list[torch.Tensor],
+    origin: int = 0,
+    extent: int | None = None,
+) -> torch.Tensor:
     """Linear interpolation of a field at the samples of ``n`` blocks, separably.
 
     The same values as :func:`interpolate_at` on the blocks' sample grids, computed by
@@ -68,6 +95,7 @@ def interpolate_blocks(field: torch.Tensor, positions: list[torch.Tensor]) -> to
         field: ``(C, *S)``.
         positions: ``d`` tensors ``(n, b)``: the index positions of the blocks' samples along
             each axis (clamped to the border like :func:`interpolate_at`).
+        origin, extent: a window of a longer field, as for :func:`interpolate_at`.
 
     Returns:
         ``(C, n, b, ..., b)`` float32 (whatever the field's float dtype).
@@ -81,8 +109,10 @@ def interpolate_blocks(field: torch.Tensor, positions: list[torch.Tensor]) -> to
     weights = []
     steps = torch.arange(m, device=field.device)
     for axis, q in enumerate(positions):
-        size = field.shape[1 + axis]
+        size = extent if axis == 0 and extent is not None else field.shape[1 + axis]
         idx = (raw_lo[axis][:, None] + steps).clamp(0, size - 1)  # (n, m)
+        if axis == 0 and extent is not None:
+            idx = _window_index(idx, origin, field.shape[1])
         view = [n] + [1] * d
         view[1 + axis] = m
         patch_index.append(idx.view(view))

@@ -41,7 +41,7 @@ from .kinds import Kind, get_kind
 from .memory import SharedCpus, tune_heap
 from .model import MinerModel
 from .scale import ScaleState
-from .sharding import gather_bank, measure, rank_figures, reduce_sums, shard_targets
+from .sharding import RankBlocks, measure, rank_figures, reduce_sums, shard_targets
 from .source import SignalSource
 from .stopping import LOG_EVERY, decide_now, measure_now, next_measurement, quality_plateau
 from .targets import Residuals
@@ -51,9 +51,10 @@ __all__ = ["DivergedError", "FitInterrupted", "FitResult", "fit", "pick_device"]
 
 @dataclass
 class FitResult:
-    """A fitted model, its history (one dict per logged event) and summary figures."""
+    """A fitted model (``None`` on the ranks other than 0 of several), its history (one dict
+    per logged event) and summary figures."""
 
-    model: MinerModel
+    model: MinerModel | None
     history: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
 
@@ -104,8 +105,10 @@ def fit(
         should_stop: polled every iteration; when it returns True the fit checkpoints and
             raises :class:`FitInterrupted`. The trainer installs no signal handler.
         team: the ranks sharing the fit (:mod:`miner3d.distributed`); each trains its share
-            of every scale's live blocks and all end with the whole model. Every rank
-            passes the same signal and config; ``checkpoint`` gets each rank's own part.
+            of every scale's live blocks and holds only its blocks and their coarser halo
+            (:mod:`miner3d.sharding`); rank 0 ends with the whole model, the others with
+            ``None``. Every rank passes the same signal and config; ``checkpoint`` gets
+            each rank's own part.
 
     Returns:
         :class:`FitResult`. Peak memory, per full-resolution sample and channel: the signal
@@ -200,7 +203,7 @@ class _Trainer:
             books = {"elapsed": time.perf_counter() - self.start, "history": self.history}
             books["scale_metrics"] = {str(k): v for k, v in self.scale_metrics.items()}
             books["scale_times"] = {str(k): v for k, v in self.scale_times.items()}
-            self.checkpoint(scale_checkpoint(self.model, j, self.generator, books, st))
+            self.checkpoint(scale_checkpoint(self.blocks, j, self.generator, books, st))
 
     def _restore(self, ckpt: Checkpoint) -> int:
         """Load a checkpoint's finished scales and bookkeeping; returns the scale to fit."""
@@ -208,7 +211,7 @@ class _Trainer:
         j = int(state["scale"])
         finished = ckpt.section(MODEL)
         for k in range(self.config.n_scales - 1, j, -1):
-            self.model.load_scale_state_dict(k, finished)
+            self.blocks.load(k, finished)
         self.history = list(state["history"])
         self.scale_metrics = {int(k): v for k, v in state["scale_metrics"].items()}
         self.scale_times = {int(k): v for k, v in state["scale_times"].items()}
@@ -219,6 +222,7 @@ class _Trainer:
     # -- the loop ------------------------------------------------------------------------
     def run(self, resume: Checkpoint | None = None) -> FitResult:
         c = self.config
+        self.blocks = RankBlocks(self.model, self.team)  # the finished scales, as held here
         first = c.n_scales - 1 if resume is None else self._restore(resume)
         for j in range(first, -1, -1):
             if self.stopped == "time_limit":
@@ -228,23 +232,19 @@ class _Trainer:
             if j > 0 and self.stopped == "time_limit":  # the fit ends at a coarse scale
                 self.scale_metrics[j] |= self._full_grid(j)  # so its figures are exact
             self.scale_times[j] = self.scale_times.get(j, 0.0) + time.perf_counter() - t0
-            self._log(
-                {
-                    "event": "scale_end",
-                    "scale": j,
-                    "mlp_blocks": self.model.mlp_blocks(j),
-                    "blocks": self.layout.n_blocks(j),
-                    "params": self.model.n_params,
-                    **self.scale_metrics[j],
-                }
-            )
+            ends = {"event": "scale_end", "scale": j, "mlp_blocks": self.blocks.counts.get(j, 0)}
+            sizes = {"blocks": self.layout.n_blocks(j), "params": self.blocks.n_params}
+            self._log(ends | sizes | self.scale_metrics[j])
             if j > 0 and self.stopped is None:
                 self._save(j - 1, None)
         finest = min(self.scale_metrics)
         fitted = self.scale_metrics[finest]
         if c.weights != "float32":  # the stored model's own figures, measured again
-            self.model.round_weights(c.weights)
+            self.blocks.round(c.weights)
             self.scale_metrics[finest] = fitted | self._full_grid(finest)
+        model = self.blocks.gather()  # the whole model (rank 0; None on the other ranks)
+        if model is not None:
+            model.round_weights(c.weights)
         stages = {f"seconds_{k}": round(v, 3) for k, v in self.stage_seconds.items()}
         summary = {
             "seconds": round(time.perf_counter() - self.start, 3),
@@ -253,10 +253,10 @@ class _Trainer:
             **({"stop_detail": self.stop_detail} if self.stop_detail else {}),
             **stages,
             **({"before_rounding": fitted} if c.weights != "float32" else {}),
-            "params": self.model.n_params,
+            "params": self.blocks.n_params,
             "scale_seconds": {str(k): round(v, 3) for k, v in self.scale_times.items()},
             "scales": {str(k): v for k, v in self.scale_metrics.items()},
-            "mlp_blocks": {str(j): self.model.mlp_blocks(j) for j in range(c.n_scales)},
+            "mlp_blocks": {str(j): self.blocks.counts.get(j, 0) for j in range(c.n_scales)},
             "blocks": {str(j): self.layout.n_blocks(j) for j in range(c.n_scales)},
         }
         summary["scale_stop_reasons"] = {str(k): v for k, v in self.scale_stops.items()}
@@ -265,19 +265,19 @@ class _Trainer:
         summary["ranks"] = rank_figures(self.team, fitting, own)
         summary.update(self.scale_metrics[finest])
         self.model.meta["summary"] = summary
-        return FitResult(self.model, self.history, summary)
+        return FitResult(model, self.history, summary)
 
     def _full_grid(self, j: int) -> dict[str, float]:
         """Level of detail ``j``'s exact full-grid figures (each rank measures its share)."""
         t0 = time.perf_counter()
-        sums = measure(self.model, self.source, self.team, j, self.kind.binary, self.batch)
+        sums = measure(self.blocks, self.source, j, self.kind.binary, self.batch)
         self.stage_seconds["measuring"] += time.perf_counter() - t0
         return self.kind.metric_fields(sums, self.peak)
 
     def _start_scale(self, j: int, resume: Checkpoint | None) -> ScaleState:
         """The state of scale ``j`` at its start, or as a checkpoint left it."""
         c = self.config
-        targets = shard_targets(self.residuals, self.team, j)
+        targets = shard_targets(self.residuals, self.blocks, j)
         n_live = self.n_live = int(self.team.sum([len(targets.ids)])[0])
         self.own_blocks[j] = len(targets.ids)
         if resume is not None and resume.state["iteration"] > 0:
@@ -290,7 +290,7 @@ class _Trainer:
             return st
         if resume is not None:
             self._log({"event": "resumed", "scale": j, "iteration": 0, "adam_step": 0})
-        params = self.model.n_params + n_live * self.model.bank_shape.params_per_block
+        params = self.blocks.n_params + n_live * self.model.bank_shape.params_per_block
         blocks = self.layout.n_blocks(j)
         self._log(
             {"event": "scale_start", "scale": j, "max_iters": c.max_iters, "blocks": blocks}
@@ -316,7 +316,7 @@ class _Trainer:
         self.stage_seconds["setup"] += t_fit - t_setup
         measuring, reason = 0.0, "max_iters"
         n_live = self.n_live  # over every rank
-        params_now = self.model.n_params + n_live * self.model.bank_shape.params_per_block
+        params_now = self.blocks.n_params + n_live * self.model.bank_shape.params_per_block
         n_samples, points = self.coords.shape[0], c.block_points(n_live)
         chunk = c.chunk_samples(self.device.type)
         prefix = "" if j == 0 else "level_"
@@ -392,7 +392,7 @@ class _Trainer:
         if record is None:  # the scale's end as it stands (only active blocks evaluated)
             record, seconds = self._measure(st, prefix)
             measuring += seconds
-        self.model.set_scale(j, *gather_bank(self.team, st.ids, st.bank()))
+        self.blocks.finish(j, st.ids, st.bank())
         self.scale_stops[j] = reason
         self.stage_seconds["measuring"] += measuring
         self.stage_seconds["fitting"] += time.perf_counter() - t_fit - measuring

@@ -5,6 +5,10 @@ peak RSS, from ``summary.json``. Runs one after the other, never side by side.
 
     python scripts/bench_ranks.py --mesh meshes/lucy.ply --resolution 512 --target 0.999
     python scripts/bench_ranks.py --image astronaut-16mp --target 35
+    python scripts/bench_ranks.py --image gen108 --set fit.max_iters=3
+
+``gen108`` writes a 12000 x 9000 RGB TIFF (108 MP, uncompressed, so memory-mapped) of waves
+and seeded noise into the run's temporary directory first, band by band.
 """
 
 from __future__ import annotations
@@ -34,16 +38,39 @@ def run(cmd: list[str], env: dict[str, str], out: Path) -> dict:
     return summary
 
 
+def write_gen108(path: Path, height: int = 9000, width: int = 12000) -> Path:
+    """A 12000 x 9000 RGB TIFF of waves and noise (seeded), written band by band through a
+    memory map (never the whole image in memory)."""
+    import numpy as np
+    import tifffile
+
+    image = tifffile.memmap(path, shape=(height, width, 3), dtype=np.uint8, photometric="rgb")
+    rng = np.random.default_rng(0)
+    x = np.arange(width, dtype=np.float32)[None, :]
+    for r0 in range(0, height, 500):
+        y = np.arange(r0, min(r0 + 500, height), dtype=np.float32)[:, None]
+        for c, (a, b) in enumerate([(300, 500), (700, 200), (150, 900)]):
+            wave = 127.5 + 90 * np.sin(x / a + y / b) + 20 * np.cos(x / 37 - y / 53)
+            noise = rng.normal(0.0, 8.0, wave.shape).astype(np.float32)
+            image[r0 : r0 + len(y), :, c] = (wave + noise).clip(0, 255).astype(np.uint8)
+    image.flush()
+    del image
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mesh", default=str(ROOT / "meshes" / "lucy.ply"))
     parser.add_argument("--resolution", type=int, default=512)
-    parser.add_argument("--image", help="a path, or astronaut-4mp / astronaut-16mp")
+    parser.add_argument("--image", help="a path, astronaut-4mp / astronaut-16mp, or gen108")
     parser.add_argument("--target", type=float, help="stop at this IoU / PSNR")
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--set", action="append", default=[], help="extra --set field=value")
     args = parser.parse_args()
-    if args.image:
+    work = Path(tempfile.mkdtemp(prefix="bench-ranks-"))
+    if args.image == "gen108":
+        source = [str(write_gen108(work / "gen108.tif"))]
+    elif args.image:
         from bench_fit import _image
 
         source = [str(_image(args.image))]
@@ -52,7 +79,6 @@ def main() -> None:
     flags = [f"--set={s}" for s in args.set]
     if args.target is not None:
         flags += ["--target", str(args.target)]
-    work = Path(tempfile.mkdtemp(prefix="bench-ranks-"))
     env = {**os.environ}
     if sys.platform.startswith("linux"):
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")

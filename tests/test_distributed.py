@@ -16,7 +16,10 @@ from safetensors.torch import load_file
 
 import miner3d
 from miner3d.bank import BankShape, MLPBank, block_uniform
+from miner3d.blocks import BlockLayout
 from miner3d.distributed import Team, lost_rank, split_even
+from miner3d.model import MinerModel
+from miner3d.sharding import RankBlocks
 
 # a stand-in for `miner3d`: SIGKILL rank KILL_RANK when it starts scale 0's iteration KILL_AT
 KILLER = r"""
@@ -97,6 +100,82 @@ def test_a_blocks_outputs_and_gradients_are_the_same_in_any_company():
         assert all(torch.equal(g, a[rows]) for g, a in zip(grad, grad_all, strict=True))
 
 
+class SoloTeam(Team):
+    """A team of one that takes the several-ranks paths (its collectives return their input)."""
+
+    @property
+    def active(self) -> bool:
+        return True
+
+    def sum(self, values):
+        return list(values)
+
+    def gather_rows(self, rows):
+        return rows
+
+    def all_to_all(self, rows, counts):
+        return rows
+
+
+def _random_model(shape: tuple[int, ...], block: int, scales: int, rows=None):
+    """A model whose every scale has MLPs on a random half of its blocks (seeded)."""
+    layout = BlockLayout(shape, block, scales)
+    model = MinerModel(layout, BankShape(len(shape), 6, 1, 2, 30.0), 2)
+    generator = torch.Generator().manual_seed(3)
+    banks = {}
+    for k in range(scales):
+        n = layout.n_blocks(k)
+        ids = torch.sort(torch.randperm(n, generator=generator)[: max(1, n // 2)]).values
+        banks[k] = (ids, MLPBank.for_blocks(model.bank_shape, ids, 7, k))
+    return model, banks
+
+
+@pytest.mark.parametrize("shape", [(45, 38), (37, 20, 29)])
+def test_a_ranks_windows_read_as_the_whole_model(shape):
+    """Each share of each scale, read through the windows a rank fetches (its rows plus the
+    coarser scales' halo), gives exactly the whole model's values: the coarser base of a
+    share's blocks, at every sample and at sample subsets, and the level of detail."""
+    whole, banks = _random_model(shape, 4, 4)
+    for k, (ids, bank) in banks.items():
+        whole.set_scale(k, ids, bank)
+    part, _ = _random_model(shape, 4, 4)
+    blocks = RankBlocks(part, SoloTeam())
+    for k, (ids, bank) in banks.items():
+        blocks.finish(k, ids, bank)
+    layout = whole.layout
+    local = torch.randint(0, 4, (9, len(shape)))
+    for s in range(layout.n_scales - 1):
+        n = layout.n_blocks(s)
+        for world in (2, 3, 7):
+            for rank in range(world):
+                lo, hi = split_even(n, world, rank)
+                ids = torch.arange(lo, hi)
+                blocks.focus(s, lo, hi, s + 1)
+                base = whole.evaluate_blocks(s, ids, from_scale=s + 1)
+                assert torch.equal(part.evaluate_blocks(s, ids, from_scale=s + 1), base)
+                assert torch.equal(
+                    part.coarser_samples(s, ids, local), whole.coarser_samples(s, ids, local)
+                )
+                blocks.focus(s, lo, hi, s)
+                assert torch.equal(part.evaluate_blocks(s, ids), whole.evaluate_blocks(s, ids))
+    assert blocks.gather() is part  # a team of one is rank 0: the whole model back
+    for k, (ids, _) in banks.items():
+        assert torch.equal(part.scales[k].block_ids, ids)
+
+
+def test_a_block_outside_the_window_held_is_an_error():
+    model, banks = _random_model((40, 40), 4, 3)
+    blocks = RankBlocks(model, SoloTeam())
+    for k, (ids, bank) in banks.items():
+        blocks.finish(k, ids, bank)
+    blocks.focus(1, 0, 2, 1)  # scale 1's first row, and the halo of scale 2
+    with pytest.raises(RuntimeError, match="outside"):
+        model.evaluate_blocks(1, torch.tensor([model.layout.n_blocks(1) - 1]))
+    with pytest.raises(RuntimeError, match="outside"):
+        far = torch.tensor([model.layout.n_blocks(0) - 1])
+        model.evaluate_blocks(0, far, from_scale=1)
+
+
 def test_even_split_covers_every_item_once():
     for n in (0, 1, 5, 64, 1001):
         for world in (1, 2, 3, 8):
@@ -168,6 +247,30 @@ def test_two_ranks_fit_an_image_as_one_process(tmp_path):
     a, b = (json.loads((tmp_path / r / "summary.json").read_text()) for r in ("one", "two"))
     assert abs(a["psnr"] - b["psnr"]) <= 0.1 and b["psnr"] > 25
     assert b["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_two_ranks_equal_one_process_on_the_other_paths(tmp_path, meshes_dir):
+    """Targets recomputed at each iteration (no cache: the coarser fields read at sample
+    subsets), weights shared from the parent blocks, the Gaussian pyramid and float16 model
+    files: every path that reads a rank's windows of the coarser scales."""
+    args = [
+        *_teapot_args(meshes_dir),
+        *("--set", "fit.cache_targets=0", "--set", "fit.weight_sharing=true"),
+        *("--set", "fit.pyramid=gaussian", "--set", "fit.weights=float16"),
+    ]
+    one = one_process("fit", *args, "-o", "one", "--threads", "1", cwd=tmp_path)
+    two = torchrun("fit", *args, "-o", "two", cwd=tmp_path)
+    assert one.returncode == 0, one.stderr
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = (json.loads((tmp_path / r / "summary.json").read_text()) for r in ("one", "two"))
+    assert abs(a["iou"] - b["iou"]) <= 1e-4 and b["iou"] > 0.95
+    assert a["params"] == b["params"] and a["mlp_blocks"] == b["mlp_blocks"]
+    ta, tb = _model_tensors(tmp_path / "one"), _model_tensors(tmp_path / "two")
+    assert ta.keys() == tb.keys()
+    for key in ta:
+        assert ta[key].dtype == tb[key].dtype
+        assert torch.allclose(ta[key].double(), tb[key].double(), atol=1e-3), key
 
 
 @pytest.mark.slow
