@@ -32,6 +32,7 @@ import numpy as np
 from .bank import BankShape
 from .blocks import BlockLayout
 from .config import FitConfig
+from .memory import release_pages
 
 TORCH_OVERHEAD = 96 << 20
 """Allocator and kernel workspace a fit adds beyond its tensors (measured)."""
@@ -55,6 +56,7 @@ def predicted_live_blocks(data: Any, binary: bool, layout: BlockLayout) -> list[
         axes = (0, *range(2, 2 * d - 1, 2))
         hi[i] = blocks.any(axis=axes)
         lo[i] = blocks.all(axis=axes)
+        release_pages(data)  # a memory map is read slab by slab, never held
     lo[real[0] :] = False
     counts = []
     for _ in range(layout.n_scales):

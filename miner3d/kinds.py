@@ -3,7 +3,7 @@
 A :class:`Kind` owns how an input becomes the array the trainer fits, always channels first
 ``(C, *spatial)``; what the padding of the block grid reads as; the quality metrics and the
 thresholds timed to; what a level of detail is written as; and the reference the model's size
-is compared with. Two kinds exist today:
+is compared with. Three kinds exist today:
 
 * ``occupancy``: a solid, ``(1, X, Y, Z)``, 1 inside; meshes are voxelized (:mod:`voxelizer`)
   and ``.npz`` grids loaded. Padding is empty space (zero); quality is the full-grid IoU at
@@ -34,7 +34,8 @@ from typing import Any
 import numpy as np
 
 from .errors import MinerError
-from .io import IMAGE_EXTENSIONS, MESH_EXTENSIONS, format_suffix, read_image
+from .io import IMAGE_EXTENSIONS, MESH_EXTENSIONS, atomic_write, format_suffix, read_image
+from .memory import release_pages
 from .metrics import MetricSums
 from .volumes import ARRAY_EXTENSIONS, TIFF_EXTENSIONS, VOLUME_EXTENSIONS, array_shape
 
@@ -237,6 +238,16 @@ def _chunks(data: np.ndarray, budget: int = 1 << 26):
     step = max(1, budget // per)
     for start in range(0, data.shape[1], step):
         yield np.asarray(data[:, start : start + step])
+        release_pages(data)
+
+
+def _mapped_grid(path: Path, transform, meta: dict, kind: Kind, source: str) -> Signal:
+    """A grid's raw voxels memory-mapped (:func:`miner3d.grid.map_voxels`) as a signal."""
+    from .grid import map_voxels
+
+    data, filled = map_voxels(path, tuple(transform.shape))
+    info = {"kind": source, "grid_shape": list(data.shape), "filled_fraction": filled}
+    return Signal(data[None], kind, 1.0, transform, info | {"voxelize": meta})
 
 
 def only_zero_one(data: np.ndarray) -> bool:
@@ -301,6 +312,7 @@ def read_signal(
     margin: int = 2,
     reuse_grid: Path | None = None,
     save_grid: Path | None = None,
+    mapped: Path | None = None,
     max_memory: int | None = None,
 ) -> Signal:
     """Read an input file as a :class:`Signal` of ``kind``.
@@ -309,6 +321,9 @@ def read_signal(
     file exists; a new grid is saved to ``save_grid``); an ``.npz`` grid is loaded; a volume
     file (``.binvox``, arrays, stacks, NIfTI, VTK) must hold only 0 and 1. Image: see
     :func:`miner3d.io.read_image` (uncompressed TIFFs are memory-mapped), or a 2D array.
+    ``mapped`` (several ranks): a mesh's grid is also written there raw (``.npy``, 1 byte a
+    voxel) and returned memory-mapped from it, so that each rank reads only its blocks; with
+    ``reuse_grid``, an existing one is mapped at once.
     Volume: :func:`miner3d.volumes.read_volume` (memory-mapped where the format allows), mapped
     to ``[0, 1]`` by its range (:func:`volume_signal`). Peak memory: the voxelizer's (see
     :mod:`voxelizer`), or the decoded samples in their own dtype (nothing for a memory map).
@@ -358,6 +373,9 @@ def read_signal(
         raise MinerError(f"{path} is a mesh or a miner3d grid: an occupancy input")
     if source == "grid":
         grid = OccupancyGrid.load(path)
+    elif mapped is not None and mapped.exists() and reuse_grid is not None and reuse_grid.exists():
+        header, transform = OccupancyGrid.read_header(reuse_grid)
+        return _mapped_grid(mapped, transform, header["meta"], kind, source)
     else:
         if reuse_grid is not None and reuse_grid.exists():  # a resumed run reuses its grid
             grid = OccupancyGrid.load(reuse_grid)
@@ -367,6 +385,10 @@ def read_signal(
             )
             if save_grid is not None:
                 grid.save(save_grid)
+        if mapped is not None:
+            with atomic_write(mapped) as tmp, open(tmp, "wb") as fh:
+                np.save(fh, grid.occupancy)
+            return _mapped_grid(mapped, grid.transform, grid.meta, kind, source)
     if grid.occupancy.ndim != 3:
         raise MinerError(f"{path} holds a {grid.occupancy.ndim}D grid; expected 3D")
     info = {

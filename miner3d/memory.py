@@ -8,9 +8,11 @@ its docstring and calls :func:`preflight` with that figure before allocating.
 from __future__ import annotations
 
 import math
+import mmap
 import os
 import re
 import time
+from typing import Any
 
 from .errors import OutOfMemoryError
 
@@ -264,3 +266,13 @@ class SharedCpus:
         torch.set_num_threads(1)
         self.threads = 1
         return True
+
+
+def release_pages(data: Any) -> None:
+    """Hand the pages of a memory map (a ``np.memmap`` or a view of one) back to the kernel
+    with ``madvise(MADV_DONTNEED)``: they stay in the page cache, and the next read faults
+    them in again, so reading a file slab by slab never accumulates it in the resident set.
+    No-op for anything else."""
+    mm = getattr(data, "_mmap", None)
+    if mm is not None and hasattr(mm, "madvise"):
+        mm.madvise(mmap.MADV_DONTNEED)

@@ -138,8 +138,9 @@ def run(
     :func:`miner3d.train.fit`), then one level of detail at a time for the outputs.
 
     With several ranks (``team``), every rank reads the input (a mesh is voxelized by rank
-    0 and the others read its ``grid.npz``), fits its share, and rank 0 alone writes the run
-    directory; checkpoints are one shard per rank plus rank 0's manifest."""
+    0, which writes its voxels raw, ``grid.ranks.npy``, for every rank to memory-map until
+    the run ends), fits its share, and rank 0 alone writes the run directory; checkpoints
+    are one shard per rank plus rank 0's manifest."""
     import torch
 
     team = team or Team(device=device)
@@ -168,6 +169,7 @@ def run(
     t0 = time.perf_counter()
     if sig is None:
         grid = None if run_dir is None else run_dir / rundir.GRID
+        mapped = run_dir / rundir.RANK_GRID if team.active and run_dir is not None else None
 
         def read(first: bool) -> Signal:  # rank 0 voxelizes a mesh; the others reuse it
             return read_signal(
@@ -179,6 +181,7 @@ def run(
                 margin=cfg.margin,
                 reuse_grid=None if ckpt is None and first else grid,
                 save_grid=grid if first else None,
+                mapped=mapped,
                 max_memory=max_memory,
             )
 
@@ -327,6 +330,7 @@ def run(
     if run_dir is not None:
         rundir.write_json(run_dir / rundir.SUMMARY, summary)
         rundir.remove_checkpoints(run_dir)
+        (run_dir / rundir.RANK_GRID).unlink(missing_ok=True)  # the ranks' raw grid
     return model, summary, result.history
 
 

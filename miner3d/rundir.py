@@ -46,6 +46,7 @@ from .lock import LOCK, RunLock
 CONFIG = "config.yaml"
 RUN = "run.json"
 GRID = "grid.npz"
+RANK_GRID = "grid.ranks.npy"  # several ranks: the grid's raw voxels, memory-mapped by each
 CHECKPOINT = "checkpoint.safetensors"
 PREVIOUS_CHECKPOINT = "checkpoint.prev.safetensors"
 MANIFEST = "checkpoint.json"

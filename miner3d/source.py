@@ -19,12 +19,11 @@ of any coarser level exists; the box-filtered level ``G_j`` of a block is the me
 
 from __future__ import annotations
 
-import mmap
-
 import numpy as np
 import torch
 
 from .blocks import BlockLayout
+from .memory import release_pages
 
 PAD_MODES = ("zero", "edge")
 
@@ -185,8 +184,5 @@ class SignalSource:
     def release(self) -> None:
         """Hand the pages of a memory map back to the kernel (they stay in the page cache; the
         next read faults them in again). No-op for in-memory data."""
-        if not self.mapped:
-            return
-        mm = getattr(self.data, "_mmap", None)
-        if mm is not None and hasattr(mm, "madvise"):
-            mm.madvise(mmap.MADV_DONTNEED)
+        if self.mapped:
+            release_pages(self.data)

@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -115,6 +116,7 @@ def main() -> None:
             f"| {label} | {reached} | {s[metric]:.5g} | {s['seconds_fit']:.1f} | "
             f"{s['wall']:.1f} | {ranks} |"
         )
+    shutil.rmtree(work, ignore_errors=True)  # the runs and a generated TIFF: gigabytes
 
 
 if __name__ == "__main__":

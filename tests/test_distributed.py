@@ -18,6 +18,7 @@ import miner3d
 from miner3d.bank import BankShape, MLPBank, block_uniform
 from miner3d.blocks import BlockLayout
 from miner3d.distributed import Team, lost_rank, split_even
+from miner3d.grid import OccupancyGrid
 from miner3d.model import MinerModel
 from miner3d.sharding import RankBlocks
 
@@ -288,6 +289,9 @@ def test_a_killed_rank_ends_the_job_and_a_resume_finishes_it(tmp_path, meshes_di
     assert (manifest["world_size"], manifest["scale"], manifest["iteration"]) == (2, 0, 20)
     assert (run / "checkpoint.rank0.safetensors").exists()
     assert (run / "checkpoint.rank1.safetensors").exists()
+    raw = np.load(run / "grid.ranks.npy", mmap_mode="r")  # what the ranks map, kept to resume
+    grid = OccupancyGrid.load(run / "grid.npz").occupancy
+    assert raw.dtype == np.uint8 and np.array_equal(raw, grid)
     alone = one_process("fit", "--resume", "run", cwd=tmp_path)  # one process: refused
     assert alone.returncode != 0 and "torchrun" in alone.stderr and "Traceback" not in alone.stderr
     resumed = torchrun("fit", "--resume", "run", cwd=tmp_path)
@@ -300,4 +304,24 @@ def test_a_killed_rank_ends_the_job_and_a_resume_finishes_it(tmp_path, meshes_di
     ta, tb = _model_tensors(tmp_path / "whole"), _model_tensors(run)
     for key in ta:
         assert torch.allclose(ta[key].double(), tb[key].double(), atol=1e-5), key
-    assert not list(run.glob("checkpoint*"))
+    assert not list(run.glob("checkpoint*")) and not (run / "grid.ranks.npy").exists()
+
+
+def test_the_ranks_raw_grid_is_checked_before_it_is_mapped(tmp_path):
+    from miner3d.errors import MinerError
+    from miner3d.grid import map_voxels
+
+    good = np.zeros((6, 5, 4), dtype=np.uint8)
+    good[2:4, 1:3] = 1
+    np.save(tmp_path / "good.npy", good)
+    data, filled = map_voxels(tmp_path / "good.npy", (6, 5, 4))
+    assert isinstance(data, np.memmap) and np.array_equal(data, good)
+    assert filled == good.sum() / good.size
+    with pytest.raises(MinerError, match="does not hold this run's 6x5x5 grid"):
+        map_voxels(tmp_path / "good.npy", (6, 5, 5))
+    np.save(tmp_path / "wide.npy", good.astype(np.float32))
+    with pytest.raises(MinerError, match="does not hold"):
+        map_voxels(tmp_path / "wide.npy", (6, 5, 4))
+    (tmp_path / "junk.npy").write_bytes(b"\x93NUMPY garbage")
+    with pytest.raises(MinerError, match="could not map"):
+        map_voxels(tmp_path / "junk.npy", (6, 5, 4))
