@@ -5,13 +5,15 @@ trains a contiguous run of the live blocks (balanced by count: every live block 
 same samples per iteration) with its own optimiser state, and the ranks meet only where the
 fit needs the whole scale:
 
-* once per iteration, one all-reduce of a few numbers: the loss sum, the active blocks, the
-  stop votes (a signal, the time limit), so every rank takes the same decisions at the same
-  iteration (and draws the same sample positions);
+* at every iteration where a common decision can change (:func:`miner3d.stopping.decide_now`),
+  one all-reduce of a few numbers: the loss sum, the active blocks, the stop votes (a signal,
+  the time limit), so every rank takes the same decisions at the same iteration (and all draw
+  the same sample positions);
 * at a quality measurement, one all-reduce of the metric sums;
-* at a scale's start, an all-gather of the pruning decisions; at its end, an all-gather of
-  the trained banks, so that every rank holds the whole model (the next scale's residuals
-  need the coarser fields at its blocks).
+* at a scale's start, an all-gather of the pruning decisions (8 bytes a live block); before
+  each pass over a run of blocks, an all-to-all that brings a rank the coarser scales' blocks
+  its run reads (its halo, :mod:`miner3d.sharding`); at the fit's end, the whole model to
+  rank 0 alone, which writes it.
 
 :class:`Team` is that whole vocabulary. ``Team()`` (one process) does nothing: a one-rank
 fit runs exactly the single-process code. :func:`join` starts a process group from
