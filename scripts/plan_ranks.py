@@ -11,14 +11,18 @@ blocks per rank):
   rank pushes through its MLPs over the scale; every live block draws the same samples per
   iteration);
 * **bytes exchanged** per scale, summed over ranks: the all-gather of the pruning decisions
-  (8-byte ids, padded to the largest share), the all-gather of the trained banks (float32
-  parameters and ids, padded), one all-reduce of five float64 a iteration and six per
-  quality measurement;
+  (8-byte ids, padded to the largest share); the all-to-alls that bring each rank the coarser
+  scales' blocks its pruning share and its training share read (their halo windows,
+  :meth:`miner3d.sharding.RankBlocks.focus`: float32 parameters and an 8-byte id a block not
+  its own); one all-reduce of five float64 a decision (counted at every iteration, an upper
+  bound) and six per quality measurement; after scale 0, every block not rank 0's, to rank 0;
 * **predicted speed-up** ``T(1) / T(W)``, with ``T(W) = sum over scales of [fitting x (max
   rank block-iterations / all block-iterations) + (shared set-up + measuring) / W +
-  repeated set-up + iterations x latency x ceil(log2 W) + bytes / bandwidth]``; latency and
-  bandwidth are arguments (defaults: this machine's measured gloo loopback all-reduce of
-  0.35 ms, and 1 GB/s).
+  decoding the windows + iterations x latency x ceil(log2 W) + bytes / W / bandwidth]``
+  plus rank 0's receipt of the whole model; decoding a window costs the measured seconds per
+  MLP block of decoding that whole scale once, times the largest rank's window blocks (its
+  pruning and its training windows); latency and bandwidth are arguments (defaults: this
+  machine's measured gloo loopback all-reduce of 0.35 ms, and 1 GB/s).
 
 ``--image gen108`` plans the image preset's layout of a 108 MP RGB picture (12000 x 9000)
 with every block live (a photo with detail everywhere keeps them all); it is not fitted here
@@ -62,6 +66,7 @@ class Recorder:
         self.shared: dict[int, float] = {}
         self.repeated: dict[int, float] = {}
         self.measuring: dict[int, float] = {}
+        self.decode: dict[int, float] = {}  # scale k: seconds to decode its whole dense field
         recorder = self
         step, scale, field = ScaleState.step, Residuals.scale, MinerModel.residual_field
         live, measure = ScaleState.live_metrics, train.measure
@@ -88,9 +93,9 @@ class Recorder:
             add(recorder.measuring, self.scale, time.perf_counter() - t)
             return out
 
-        def timed_measure(model, source, team, j, *args, **kwargs):
+        def timed_measure(blocks, source, j, *args, **kwargs):
             t = time.perf_counter()
-            out = measure(model, source, team, j, *args, **kwargs)
+            out = measure(blocks, source, j, *args, **kwargs)
             add(recorder.measuring, j, time.perf_counter() - t)
             return out
 
@@ -98,10 +103,9 @@ class Recorder:
             cold = k not in self._dense
             t = time.perf_counter()
             out = field(self, k, *args, **kwargs)
-            if cold:  # decoded now: every rank would do it (charged to the next finer scale)
-                recorder.repeated[k - 1] = recorder.repeated.get(k - 1, 0.0) + (
-                    time.perf_counter() - t
-                )
+            if cold:  # decoded now: ranks decode windows of it instead (charged by scale k)
+                add(recorder.repeated, k - 1, time.perf_counter() - t)
+                add(recorder.decode, k, time.perf_counter() - t)
             return out
 
         ScaleState.step, Residuals.scale, MinerModel.residual_field = (
@@ -136,8 +140,10 @@ def fitted_layout(args) -> tuple[dict, dict, dict]:
             "shared": rec.shared.get(j, 0.0),
             "repeated": rec.repeated.get(j, 0.0),
             "measuring": rec.measuring.get(j, 0.0),
+            "decode": rec.decode.get(j, 0.0),
         }
     figures = {
+        "layout": model.layout,
         "params_per_block": model.bank_shape.params_per_block,
         "measurements": 1 + rec.steps.get(0, 0) // max(1, config.metric_every),
         "seconds": result.summary["seconds"],
@@ -169,8 +175,10 @@ def image_layout(args) -> tuple[dict, dict, None]:
             "shared": None,
             "repeated": None,
             "measuring": None,
+            "decode": None,
         }
     figures = {
+        "layout": layout,
         "params_per_block": shape.params_per_block,
         "measurements": 1 + config.max_iters // max(1, config.metric_every),
         "seconds": None,
@@ -179,8 +187,28 @@ def image_layout(args) -> tuple[dict, dict, None]:
     return scales, figures, None
 
 
+def windows(layout, scales: dict, j: int, lo: int, hi: int, w: int, rank: int) -> dict:
+    """For a run of blocks ``[lo, hi)`` of scale ``j`` on rank ``rank`` of ``w``: per coarser
+    scale ``k``, the MLP blocks of its halo window, and how many of them are another rank's
+    (what :meth:`miner3d.sharding.RankBlocks.focus` installs and fetches)."""
+    rows = layout.rows_of_ids(j, lo, hi)
+    out = {}
+    for k in range(j + 1, layout.n_scales):
+        rows = layout.halo_rows(k - 1, rows, k)
+        if k not in scales:
+            continue
+        live = scales[k]["ids"]
+        a, b = layout.ids_of_rows(k, rows)
+        i0, i1 = np.searchsorted(live, a), np.searchsorted(live, b)
+        own0, own1 = split_even(len(live), w, rank)
+        mine = max(0, min(own1, i1) - max(own0, i0))
+        out[k] = (int(i1 - i0), int(i1 - i0 - mine))
+    return out
+
+
 def plan(scales: dict, figures: dict, latency: float, bandwidth: float) -> None:
-    ppb = figures["params_per_block"]
+    ppb, layout = figures["params_per_block"], figures["layout"]
+    per_block = ppb * 4 + 8  # float32 parameters and an int64 id
     print(f"# {figures['what']}; {platform.machine()}")
     print("\n| scale | W | live blocks max/mean | block-iterations max/mean | MB exchanged |")
     print("|---|---|---|---|---|")
@@ -195,12 +223,24 @@ def plan(scales: dict, figures: dict, latency: float, bandwidth: float) -> None:
             load = np.array([work[a:b].sum() for a, b in shares])
             first = [split_even(s["n_blocks"], w, r) for r in range(w)]
             decided = max(int(((ids >= a) & (ids < b)).sum()) for a, b in first)
+            decoded = np.zeros(w)  # per rank: MLP blocks decoded, weighted by seconds each
+            fetched = 0
+            if w > 1:
+                for r in range(w):
+                    a, b = shares[r]
+                    trained = (int(ids[a]), int(ids[b - 1]) + 1) if b > a else (0, 0)
+                    runs = [first[r], trained]
+                    for lo, hi in runs:
+                        for k, (window, others) in windows(layout, scales, j, lo, hi, w, r).items():
+                            fetched += others
+                            rate = scales[k]["decode"] or 0.0
+                            decoded[r] += window * rate / max(1, len(scales[k]["ids"]))
             if w == 1:
                 exchanged = 0.0
             else:
-                gathered = w * (decided * 8 + blocks.max() * (ppb * 4 + 8))  # per rank
+                gathered = w * w * decided * 8  # every rank receives every share's ids
                 reduced = (s["iterations"] * 5 + figures["measurements"] * 6) * 8
-                exchanged = w * (gathered + 2 * reduced)
+                exchanged = gathered + fetched * per_block + w * 2 * reduced
             balance_b = blocks.max() / blocks.mean() if blocks.mean() else 1.0
             balance_w = load.max() / load.mean() if load.mean() else 1.0
             if w in (2, 8, 64, 256):
@@ -209,12 +249,18 @@ def plan(scales: dict, figures: dict, latency: float, bandwidth: float) -> None:
                 total += (
                     s["fitting"] * (load.max() / load.sum())
                     + (s["shared"] + s["measuring"]) / w
-                    + s["repeated"]
+                    + (s["repeated"] if w == 1 else float(decoded.max()))
                     + s["iterations"] * latency * math.ceil(math.log2(w))
                     + exchanged / w / bandwidth
                 )
+        final = 0.0  # rank 0 receives every block it did not train
+        if w > 1:
+            n_live = [len(s["ids"]) for s in scales.values()]
+            final = sum(n - split_even(n, w, 0)[1] for n in n_live) * per_block
+            if w in (2, 8, 64, 256):
+                print(f"| end | {w} | | | {final / 1e6:,.1f} (the model, to rank 0) |")
         if figures["seconds"] is not None:
-            predicted[w] = total
+            predicted[w] = total + final / bandwidth
     if predicted:
         print(f"\n1 process measured: {figures['seconds']:.1f} s of fitting")
         print("\n| ranks | predicted fit s | speed-up |")
