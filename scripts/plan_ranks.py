@@ -124,7 +124,8 @@ def fitted_layout(args) -> tuple[dict, dict, dict]:
     """Fit Lucy here and return per-scale figures."""
     rec = Recorder()
     grid = miner3d.voxelize(args.mesh, args.resolution)
-    config = miner3d.effective_config(args.mesh, overrides={"resolution": args.resolution}).fit
+    run_config = miner3d.effective_config(args.mesh, overrides={"resolution": args.resolution})
+    config = run_config.fit
     result = fit(grid.occupancy[None], config, kind="occupancy", device="cpu")
     times = {int(k): v for k, v in result.summary["scale_seconds"].items()}
     model = result.model
@@ -147,7 +148,7 @@ def fitted_layout(args) -> tuple[dict, dict, dict]:
         "params_per_block": model.bank_shape.params_per_block,
         "measurements": 1 + rec.steps.get(0, 0) // max(1, config.metric_every),
         "seconds": result.summary["seconds"],
-        "what": f"Lucy {'x'.join(map(str, grid.shape))}, cpu preset, fitted here "
+        "what": f"Lucy {'x'.join(map(str, grid.shape))}, {run_config.preset} preset, fitted here "
         f"(final IoU {result.summary['iou']:.5f} at {result.summary['seconds']:.0f} s; IoU 0.999 "
         f"at {time_to(result.history, 'iou', (0.999,))['0.999']} s, instrumented)",
     }
