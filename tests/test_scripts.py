@@ -158,3 +158,24 @@ def test_bench_compact_reports_float16_weights(tmp_path):
     row = out.strip().splitlines()[-1].split("|")
     f32, f16, iou32, iou16 = float(row[4]), float(row[5]), float(row[9]), float(row[10])
     assert f16 < f32 and iou32 > 0.9 and abs(iou32 - iou16) < 0.01
+
+
+def test_bench_compile_times_the_banks_own_forward():
+    """The compile benchmark's step computes what the bank computes (checked eagerly: CI
+    has no compiler to promise)."""
+    import importlib.util
+
+    import torch
+
+    from miner3d.bank import BankShape, MLPBank
+
+    spec = importlib.util.spec_from_file_location("bench_compile", ROOT / "scripts/bench_compile.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    shape = BankShape(2, 8, 2, 3, 30.0)
+    bank = MLPBank.for_blocks(shape, torch.arange(5), 0, 0)
+    coords = torch.rand(16, 2) * 2 - 1
+    target = torch.rand(5, 16, 3)
+    expected = (bank.forward(coords) - target).square().mean(dim=(1, 2)).sum()
+    got = module.loss_of(coords, target, 30.0, *bank.params)
+    assert torch.allclose(got, expected)
