@@ -169,7 +169,8 @@ def test_bench_compile_times_the_banks_own_forward():
 
     from miner3d.bank import BankShape, MLPBank
 
-    spec = importlib.util.spec_from_file_location("bench_compile", ROOT / "scripts/bench_compile.py")
+    path = ROOT / "scripts" / "bench_compile.py"
+    spec = importlib.util.spec_from_file_location("bench_compile", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     shape = BankShape(2, 8, 2, 3, 30.0)
