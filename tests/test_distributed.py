@@ -278,6 +278,29 @@ def test_two_ranks_equal_one_process_on_the_other_paths(tmp_path, meshes_dir):
         assert torch.allclose(ta[key].double(), tb[key].double(), atol=1e-3), key
 
 
+API_RANKS = r"""
+import json, os, sys
+import miner3d
+result = miner3d.fit(sys.argv[1], resolution=48, output="api", max_iters=40)
+line = {"rank": int(os.environ["RANK"]), "model": result.model is not None}
+if result.model is not None:
+    line["watertight"] = bool(result.model.mesh(lod=0).is_watertight)
+print("RESULT " + json.dumps(line))
+"""
+
+
+@pytest.mark.slow
+def test_the_api_under_torchrun_returns_the_model_on_rank_0_only(tmp_path, meshes_dir):
+    (tmp_path / "api.py").write_text(API_RANKS)
+    done = torchrun(meshes_dir / "teapot.obj", cwd=tmp_path, script="api.py")
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [json.loads(x[7:]) for x in done.stdout.splitlines() if x.startswith("RESULT ")]
+    ranks = {line["rank"]: line for line in lines}
+    assert ranks[0] == {"rank": 0, "model": True, "watertight": True}
+    assert ranks[1] == {"rank": 1, "model": False}
+    assert (tmp_path / "api" / "model.safetensors").exists()
+
+
 @pytest.mark.slow
 def test_a_killed_rank_ends_the_job_and_a_resume_finishes_it(tmp_path, meshes_dir):
     (tmp_path / "killer.py").write_text(KILLER)
