@@ -75,15 +75,27 @@ def fit_bytes(
     signal_bytes: int,
     fit: FitConfig,
     live: list[int],
+    ranks: int = 1,
 ) -> dict[str, int]:
     """The parts of a fit's peak, in bytes (see the module doc); ``live[j]``: blocks of scale
-    ``j`` with an MLP. ``signal_bytes``: what the signal holds in memory (0 for a map)."""
+    ``j`` with an MLP. ``signal_bytes``: what the signal holds in memory (0 for a map).
+    ``ranks > 1``: rank 0's peak among that many (:mod:`miner3d.sharding`): its share of the
+    target cache and of the banks, its windows of the coarser fields (its share of a field's
+    rows plus three for the halo and the rounding to blocks), and the whole model it
+    receives at the end."""
     d, b = layout.ndim, layout.block
     per_block = BankShape(d, fit.hidden, fit.hidden_layers, channels, fit.w0).params_per_block
-    fields = sum(2 * channels * math.prod(layout.scale_shape(k)) for k in range(1, layout.n_scales))
-    cache = 2 * channels * b**d * live[0]
+    fields = 0
+    for k in range(1, layout.n_scales):
+        rows = layout.grid(k)[0]
+        share = min(rows, -(-rows // ranks) + 3 * (ranks > 1))
+        fields += 2 * channels * math.prod(layout.scale_shape(k)) * share // rows
+    mine = [-(-n // ranks) for n in live]
+    cache = 2 * channels * b**d * mine[0]
     cache = cache if cache <= fit.cache_targets else 0
-    banks = 4 * per_block * (sum(live[1:]) + 5 * live[0])
+    banks = 4 * per_block * (sum(mine[1:]) + 5 * mine[0])
+    if ranks > 1:  # rank 0 receives the whole model at the end, to write it
+        banks += 4 * per_block * sum(live)
     samples = min(b**d, fit.block_points(live[0]) or b**d)  # 0: every sample
     chunk = min(fit.chunk_samples(), samples * max(1, live[0]))
     width = max(fit.hidden, channels)

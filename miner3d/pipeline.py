@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import platform
 import signal
 import time
@@ -95,17 +96,21 @@ class StopFlag:
         self._previous.clear()
 
 
-def _preflight(sig: Signal, cfg: RunConfig, max_memory: int | None) -> None:
+def _preflight(sig: Signal, cfg: RunConfig, max_memory: int | None, ranks: int = 1) -> None:
     """Refuse the fit before it allocates if its predicted peak (:mod:`miner3d.estimates`:
     signal, coarse fields, target cache, MLP banks with Adam's state for the predicted live
-    blocks, activations) exceeds the budget."""
+    blocks, activations) exceeds the budget. Several ranks: rank 0's peak (the largest)
+    against ``max_memory`` per rank, else the memory available shared by the node's ranks."""
     from .blocks import BlockLayout
     from .estimates import fit_bytes, predicted_live_blocks
+    from .memory import available_memory
 
     layout = BlockLayout(sig.shape, cfg.fit.block, cfg.fit.n_scales)
     held = 0 if isinstance(sig.data, np.memmap) else sig.data.nbytes
     live = predicted_live_blocks(sig.data, sig.kind.binary, layout)
-    needed = sum(fit_bytes(layout, sig.channels, held, cfg.fit, live).values())
+    needed = sum(fit_bytes(layout, sig.channels, held, cfg.fit, live, ranks).values())
+    if ranks > 1 and max_memory is None:
+        max_memory = available_memory() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     hint = ""
     if sig.kind.name == "occupancy":
         fits = cfg.resolution
@@ -192,7 +197,7 @@ def run(
         # each, 2.4x slower (BENCHMARKS.md)
         torch.set_num_threads(n)
     load_seconds = time.perf_counter() - t0
-    _preflight(sig, cfg, max_memory)
+    team.in_turn(lambda first: _preflight(sig, cfg, max_memory, team.world_size) if first else 0)
     writes = run_dir is not None and team.leader
     if writes and ckpt is None:  # the input is good: now the run's files
         rundir.remove_stale(run_dir)

@@ -302,7 +302,7 @@ def discard_failed(run_dir: Path, created: bool, since: float) -> None:
     that the same command can simply be run again; an earlier run's files stay."""
     if checkpoint_files(run_dir):
         return
-    for name in (CONFIG, RUN, GRID, METRICS):
+    for name in (CONFIG, RUN, GRID, RANK_GRID, METRICS):
         path = run_dir / name
         if path.exists() and path.stat().st_mtime >= since:
             path.unlink()

@@ -302,6 +302,19 @@ def test_the_api_under_torchrun_returns_the_model_on_rank_0_only(tmp_path, meshe
 
 
 @pytest.mark.slow
+def test_a_refused_fit_ends_every_rank_with_rank_0s_line_and_leaves_nothing(tmp_path, meshes_dir):
+    mesh = meshes_dir / "teapot.obj"
+    done = torchrun(
+        "fit", mesh, "--resolution", "64", "--max-memory", "30MB", "-o", "r", cwd=tmp_path
+    )
+    assert done.returncode != 0
+    lines = [x for x in done.stderr.splitlines() if x.startswith("miner3d (rank")]
+    assert len(lines) == 2 and all("needs ~" in x and "try --resolution" in x for x in lines)
+    assert lines[0].split(": ", 1)[1] == lines[1].split(": ", 1)[1]  # rank 0's estimate
+    assert not (tmp_path / "r").exists()  # the raw grid of the ranks included
+
+
+@pytest.mark.slow
 def test_a_killed_rank_ends_the_job_and_a_resume_finishes_it(tmp_path, meshes_dir):
     (tmp_path / "killer.py").write_text(KILLER)
     args = _teapot_args(meshes_dir)

@@ -174,3 +174,26 @@ def lucy_model(tmp_path_factory, meshes_dir):
 @pytest.mark.parametrize("resolution", [384, 640])  # about 0.3 and 0.85 GB, mesh included
 def test_mesh_estimate_is_within_a_quarter_of_the_measured_peak(lucy_model, resolution):
     _assert_within_a_quarter(MESH_CHILD, lucy_model, resolution)
+
+
+def test_a_ranks_estimate_is_its_share_plus_the_halo_and_the_model_it_receives():
+    from miner3d.bank import BankShape
+    from miner3d.config import FitConfig
+    from miner3d.estimates import fit_bytes
+
+    fit = FitConfig(block=8, n_scales=3)
+    layout = BlockLayout((600, 340, 1024), 8, 3)
+    live = [27_000, 4_000, 700]
+    one = fit_bytes(layout, 1, 0, fit, live)
+    two = fit_bytes(layout, 1, 0, fit, live, ranks=2)
+    many = fit_bytes(layout, 1, 0, fit, live, ranks=64)
+    assert one == fit_bytes(layout, 1, 0, fit, live, ranks=1)
+    # the coarser fields: half the rows plus a halo of three at 2 ranks, a few rows at 64
+    assert 0.5 * one["fields"] < two["fields"] < 0.6 * one["fields"]
+    assert many["fields"] < 0.15 * one["fields"]
+    # the banks: a rank's share, plus (rank 0) every scale's parameters at the end
+    shape = BankShape(3, fit.hidden, fit.hidden_layers, 1, fit.w0)
+    whole_model = 4 * shape.params_per_block * sum(live)
+    assert two["banks"] - whole_model == pytest.approx(one["banks"] / 2, rel=1e-3)
+    assert many["banks"] - whole_model == pytest.approx(one["banks"] / 64, rel=2e-2)
+    assert (one["cache"], two["cache"]) == (2 * 8**3 * 27_000, 2 * 8**3 * 13_500)
