@@ -30,7 +30,7 @@ from .kinds import Kind, Signal, read_signal, source_kind
 from .memory import peak_rss, preflight
 from .metrics import time_to
 from .model import MinerModel
-from .shards import save_rank_checkpoint
+from .shards import save_rank_checkpoint, share_signal
 from .train import fit as train_fit
 
 Progress = Callable[[dict[str, Any]], None]
@@ -190,7 +190,7 @@ def run(
                 max_memory=max_memory,
             )
 
-        sig = team.in_turn(read)
+        sig = share_signal(team, run_dir, read)  # several ranks: read once, mapped by all
     if device.type == "cpu" and torch.get_num_threads() != n:
         # numba's parallel voxelizer sets OpenMP's thread count, which torch's follows, to
         # every CPU: two torchrun ranks of OMP_NUM_THREADS=1 then trained on two threads
@@ -335,7 +335,8 @@ def run(
     if run_dir is not None:
         rundir.write_json(run_dir / rundir.SUMMARY, summary)
         rundir.remove_checkpoints(run_dir)
-        (run_dir / rundir.RANK_GRID).unlink(missing_ok=True)  # the ranks' raw grid
+        for raw in run_dir.glob("*.ranks.*"):  # the ranks' raw copies of the input
+            raw.unlink()
     return model, summary, result.history
 
 

@@ -302,8 +302,7 @@ def discard_failed(run_dir: Path, created: bool, since: float) -> None:
     that the same command can simply be run again; an earlier run's files stay."""
     if checkpoint_files(run_dir):
         return
-    for name in (CONFIG, RUN, GRID, RANK_GRID, METRICS):
-        path = run_dir / name
+    for path in [*(run_dir / n for n in (CONFIG, RUN, GRID, METRICS)), *run_dir.glob("*.ranks.*")]:
         if path.exists() and path.stat().st_mtime >= since:
             path.unlink()
     remove_temporaries(run_dir)

@@ -1,7 +1,13 @@
-"""Checkpoints of a fit shared by several ranks (:mod:`miner3d.distributed`).
+"""What several ranks (:mod:`miner3d.distributed`) share on disk: the input, and checkpoints.
 
-Each rank writes its own shard, ``checkpoint.rank<r>.safetensors`` (the finished scales,
-the same on every rank, and its part of the scale in progress), atomically and keeping its
+**The input** (:func:`share_signal`): rank 0 reads it; an input it had to decode into memory
+(a PNG or JPEG image, a compressed volume, a grid file) it writes raw for the others,
+``input.ranks.npy`` with its metadata in ``input.ranks.json``, and every rank, rank 0 too,
+memory-maps that file and reads only its blocks. A mesh's grid is mapped the same way
+(``grid.ranks.npy``, :func:`miner3d.kinds.read_signal`). Both last while the run does.
+
+**Checkpoints**: each rank writes its own shard, ``checkpoint.rank<r>.safetensors`` (its own
+blocks of the finished scales, and its part of the scale in progress), atomically and keeping its
 previous one as ``checkpoint.rank<r>.prev.safetensors``. Once every shard is whole, rank 0
 writes the manifest ``checkpoint.json`` (the world size, the scale and iteration, and each
 shard's tensor checksum), keeping the one before as ``checkpoint.prev.json``.
@@ -16,11 +22,17 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
+
+import numpy as np
 
 from .checkpoint import Checkpoint, load_checkpoint
 from .distributed import Team
 from .errors import MinerError
+from .grid import GridTransform
+from .io import atomic_write
+from .kinds import Signal, get_kind
 from .rundir import (
     CHECKPOINT,
     MANIFEST,
@@ -31,6 +43,47 @@ from .rundir import (
 )
 
 FORMAT = "miner3d-checkpoint-manifest"
+RAW_INPUT, RAW_INFO = "input.ranks.npy", "input.ranks.json"
+
+
+def share_signal(team: Team, run_dir: Path | None, read: Callable[[bool], Signal]) -> Signal:
+    """The input on every rank, read once (see the module doc): ``read(True)`` on rank 0,
+    then, for an input held in memory, the raw copy mapped on every rank; ``read(False)`` on
+    the others otherwise (a mesh's mapped grid). One process, or no run directory: ``read``.
+    Memory on the other ranks: the pages of their blocks. Disk: the samples in their dtype."""
+    if not team.active or run_dir is None:
+        return team.in_turn(read)
+    info_path = run_dir / RAW_INFO
+
+    def action(first: bool) -> Signal:
+        if not first:
+            return _map_raw(run_dir) if info_path.exists() else read(False)
+        sig = read(True)
+        info_path.unlink(missing_ok=True)  # an earlier run's, never another rank's input
+        if isinstance(sig.data, np.memmap):
+            return sig
+        with atomic_write(run_dir / RAW_INPUT) as tmp, open(tmp, "wb") as fh:
+            np.save(fh, np.ascontiguousarray(sig.data))
+        head = {"kind": sig.kind.name, "value_scale": sig.value_scale, "info": sig.info}
+        head |= {"value_offset": sig.value_offset, "peak": sig.peak}
+        head["transform"] = None if sig.transform is None else sig.transform.to_dict()
+        write_json(info_path, head)
+        return _map_raw(run_dir)
+
+    return team.in_turn(action)
+
+
+def _map_raw(run_dir: Path) -> Signal:
+    """The signal rank 0 wrote raw (:func:`share_signal`), memory-mapped."""
+    try:
+        head = json.loads((run_dir / RAW_INFO).read_text())
+        data = np.load(run_dir / RAW_INPUT, mmap_mode="r", allow_pickle=False)
+        transform = head["transform"] and GridTransform.from_dict(head["transform"])
+        scale, offset, peak = (float(head[k]) for k in ("value_scale", "value_offset", "peak"))
+        kind = get_kind(head["kind"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise MinerError(f"could not map the ranks' copy of the input: {exc}") from None
+    return Signal(data, kind, scale, transform, head["info"], offset, peak)
 
 
 def save_rank_checkpoint(run_dir: Path, checkpoint: Checkpoint, team: Team) -> None:

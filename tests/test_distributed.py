@@ -252,6 +252,7 @@ def test_two_ranks_fit_an_image_as_one_process(tmp_path):
     a, b = (json.loads((tmp_path / r / "summary.json").read_text()) for r in ("one", "two"))
     assert abs(a["psnr"] - b["psnr"]) <= 0.1 and b["psnr"] > 25
     assert b["world_size"] == 2
+    assert not list((tmp_path / "two").glob("*.ranks.*"))  # the PNG's raw copy, mapped by all
 
 
 @pytest.mark.slow
@@ -365,3 +366,48 @@ def test_the_ranks_raw_grid_is_checked_before_it_is_mapped(tmp_path):
     (tmp_path / "junk.npy").write_bytes(b"\x93NUMPY garbage")
     with pytest.raises(MinerError, match="could not map"):
         map_voxels(tmp_path / "junk.npy", (6, 5, 4))
+
+
+class InTurn(SoloTeam):
+    """Rank 0's turn, then another rank's, in one process."""
+
+    def in_turn(self, action):
+        self.first = action(True)
+        return action(False)
+
+
+def test_an_input_decoded_in_memory_is_shared_raw_and_mapped_by_every_rank(tmp_path):
+    from miner3d.grid import GridTransform
+    from miner3d.kinds import Signal, get_kind
+    from miner3d.shards import RAW_INFO, RAW_INPUT, share_signal
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 255, (3, 40, 30), dtype=np.uint8)
+    transform = GridTransform((0.0, 0.0), 0.5, (40, 30), axes="xy")
+    info = {"kind": "image", "shape": [40, 30, 3], "memory_mapped": False}
+    image = Signal(pixels, get_kind("image"), 1 / 255, transform, info, 0.0, 1.0)
+    reads = []
+
+    def read(first: bool) -> Signal:
+        reads.append(first)
+        return image
+
+    team = InTurn()
+    (tmp_path / RAW_INFO).write_text("{}")  # an earlier run's: never read
+    other = share_signal(team, tmp_path, read)
+    assert reads == [True]  # the other rank reads nothing but the raw copy
+    for sig in (team.first, other):
+        assert isinstance(sig.data, np.memmap) and np.array_equal(sig.data, pixels)
+        assert (sig.kind.name, sig.value_scale, sig.info) == ("image", 1 / 255, info)
+        assert sig.transform.to_dict() == transform.to_dict()
+    assert (tmp_path / RAW_INPUT).exists()
+    (tmp_path / RAW_INFO).write_text("{broken")
+    with pytest.raises(miner3d.MinerError, match="could not map the ranks' copy"):
+        share_signal(SoloTeamOther(), tmp_path, read)
+
+
+class SoloTeamOther(SoloTeam):
+    """A rank other than 0, alone: its turn only."""
+
+    def in_turn(self, action):
+        return action(False)
