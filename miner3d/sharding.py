@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from .bank import MLPBank, round_params
+from .blocks import BlockLayout
 from .distributed import Team, split_even
 from .memory import peak_rss
 from .metrics import MetricSums
@@ -44,7 +45,7 @@ class RankBlocks:
         self.held: dict[int, tuple[int, int]] = {}  # block rows of each scale in the model
 
     @property
-    def layout(self):
+    def layout(self) -> BlockLayout:
         return self.model.layout
 
     @property
