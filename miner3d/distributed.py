@@ -10,7 +10,7 @@ fit needs the whole scale:
   the time limit), so every rank takes the same decisions at the same iteration (and all draw
   the same sample positions);
 * at a quality measurement, one all-reduce of the metric sums;
-* at a scale's start, an all-gather of the pruning decisions (8 bytes a live block); before
+* at a scale's start, an all-to-all of the live block ids to the ranks that train them; before
   each pass over a run of blocks, an all-to-all that brings a rank the coarser scales' blocks
   its run reads (its halo, :mod:`miner3d.sharding`); at the fit's end, the whole model to
   rank 0 alone, which writes it.

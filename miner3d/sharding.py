@@ -152,9 +152,9 @@ def _first_of_each(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def shard_targets(residuals: Residuals, blocks: RankBlocks, j: int) -> ScaleTargets:
     """This rank's live blocks of scale ``j`` and their targets. One rank streams the whole
-    scale once; several first decide pruning on an even share of the blocks each, gather
-    the decisions (``(m,)`` ids, 8 bytes a live block), then build the targets of an even,
-    contiguous share of the live blocks (every live block costs the same samples per
+    scale once; several first decide pruning on an even share of the blocks each, hand the
+    live ids on (:func:`even_share`), then build the targets of an even, contiguous share
+    of the live blocks (every live block costs the same samples per
     iteration), each pass with the coarser scales' window it reads
     (:meth:`RankBlocks.focus`), which stays for the scale's training. Memory: the rank's
     share of the target cache, its windows and one batch of blocks."""
@@ -165,13 +165,25 @@ def shard_targets(residuals: Residuals, blocks: RankBlocks, j: int) -> ScaleTarg
     blocks.focus(j, lo, hi, j + 1)
     ids = torch.arange(lo, hi, device=residuals.device)
     decided = residuals.scale(j, ids, keep_targets=False)
-    live = team.gather_rows(decided.ids)
-    lo, hi = split_even(len(live), team.world_size, team.rank)
-    mine = live[lo:hi]
-    blocks.focus(j, int(mine[0]) if hi > lo else 0, int(mine[-1]) + 1 if hi > lo else 0, j + 1)
+    mine = even_share(team, decided.ids)
+    blocks.focus(j, int(mine[0]) if len(mine) else 0, int(mine[-1]) + 1 if len(mine) else 0, j + 1)
     targets = residuals.scale(j, mine, decided=True)
     targets.pruned_sums = decided.pruned_sums  # of the first pass's share
     return targets
+
+
+def even_share(team: Team, ids: torch.Tensor) -> torch.Tensor:
+    """This rank's even, contiguous share (:func:`split_even`) of every rank's ``ids``
+    ``(m_r,)`` taken in rank order: each rank sends each other only the ids that fall in its
+    share (one all-gather of the counts, one all-to-all), so no rank ever holds every id."""
+    counts = [int(n) for n in team.gather_rows(torch.tensor([len(ids)])).flatten()]
+    start = sum(counts[: team.rank])
+    total, stop = sum(counts), start + len(ids)
+    sends = []
+    for q in range(team.world_size):
+        a, b = split_even(total, team.world_size, q)
+        sends.append(max(0, min(b, stop) - max(a, start)))
+    return team.all_to_all(ids, sends)
 
 
 def measure(

@@ -10,8 +10,9 @@ blocks per rank):
 * **balance**: max/mean over ranks of live blocks, and of block-iterations (the samples a
   rank pushes through its MLPs over the scale; every live block draws the same samples per
   iteration);
-* **bytes exchanged** per scale, summed over ranks: the all-gather of the pruning decisions
-  (8-byte ids, padded to the largest share); the all-to-alls that bring each rank the coarser
+* **bytes exchanged** per scale, summed over ranks: the live block ids handed from the
+  pruning shares to the training shares (8 bytes an id that changes rank, and the counts);
+  the all-to-alls that bring each rank the coarser
   scales' blocks its pruning share and its training share read (their halo windows,
   :meth:`miner3d.sharding.RankBlocks.focus`: float32 parameters and an 8-byte id a block not
   its own); one all-reduce of five float64 a decision (counted at every iteration, an upper
@@ -223,7 +224,6 @@ def plan(scales: dict, figures: dict, latency: float, bandwidth: float) -> None:
             blocks = np.array([b - a for a, b in shares], dtype=np.float64)
             load = np.array([work[a:b].sum() for a, b in shares])
             first = [split_even(s["n_blocks"], w, r) for r in range(w)]
-            decided = max(int(((ids >= a) & (ids < b)).sum()) for a, b in first)
             decoded = np.zeros(w)  # per rank: MLP blocks decoded, weighted by seconds each
             fetched = 0
             if w > 1:
@@ -239,7 +239,10 @@ def plan(scales: dict, figures: dict, latency: float, bandwidth: float) -> None:
             if w == 1:
                 exchanged = 0.0
             else:
-                gathered = w * w * decided * 8  # every rank receives every share's ids
+                runs = [(np.searchsorted(ids, x), np.searchsorted(ids, y)) for x, y in first]
+                pairs = zip(runs, shares, strict=True)
+                stay = sum(max(0, min(b, e) - max(a, t)) for (a, b), (t, e) in pairs)
+                gathered = 8 * (len(ids) - stay + w * w)  # ids that change rank, and counts
                 reduced = (s["iterations"] * 5 + figures["measurements"] * 6) * 8
                 exchanged = gathered + fetched * per_block + w * 2 * reduced
             balance_b = blocks.max() / blocks.mean() if blocks.mean() else 1.0
