@@ -63,7 +63,7 @@ def share_signal(team: Team, run_dir: Path | None, read: Callable[[bool], Signal
         if isinstance(sig.data, np.memmap):
             return sig
         with atomic_write(run_dir / RAW_INPUT) as tmp, open(tmp, "wb") as fh:
-            np.save(fh, np.ascontiguousarray(sig.data))
+            np.save(fh, sig.data)  # a strided view (channels first) is written in pieces
         head = {"kind": sig.kind.name, "value_scale": sig.value_scale, "info": sig.info}
         head |= {"value_offset": sig.value_offset, "peak": sig.peak}
         head["transform"] = None if sig.transform is None else sig.transform.to_dict()
