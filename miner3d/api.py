@@ -208,10 +208,7 @@ def resume(
                 "--allow-changed-input to continue with the new file anyway"
             )
         the_kind = get_kind(info.get("signal_kind") or kind_of_path(path))
-        if team.active:
-            ckpt, note = load_rank_checkpoint(run_dir, team)
-        else:
-            ckpt, note = rundir.load_run_checkpoint(run_dir)
+        ckpt, note = load_rank_checkpoint(run_dir, team)  # resharded for another world size
         if note and banner is not None:
             banner(f"note: {note}")
         _check_resume(run_dir, cfg, ckpt, info)

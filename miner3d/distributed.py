@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
 import socket
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -127,16 +129,19 @@ class Team:
     def in_turn(self, action: Callable[[bool], T]) -> T:
         """``action(True)`` on rank 0, then ``action(False)`` on the others (which may
         reuse what rank 0 wrote, e.g. a voxelized grid). If rank 0 fails, every rank
-        fails: the others with a :class:`MinerError` carrying rank 0's message."""
+        fails: the others with a :class:`MinerError` carrying rank 0's message, and rank 0
+        ignores SIGTERM while it ends (:func:`_ending`)."""
         if not self.active:
             return action(True)
         if self.leader:
             try:
                 result = action(True)
             except MinerError as exc:
+                _ending()
                 self.broadcast_text(str(exc) or "rank 0 failed")
                 raise
             except BaseException:
+                _ending()
                 self.broadcast_text("rank 0 failed (see its error)")
                 raise
             self.broadcast_text("")
@@ -145,6 +150,14 @@ class Team:
         if failed:
             raise MinerError(failed)
         return action(False)
+
+
+def _ending() -> None:
+    """This rank ends with an error that every rank ends with: torchrun SIGTERMs the ranks
+    still running as soon as one exits, which must not cut this one's clean-up and one-line
+    error short, so SIGTERM is ignored from here on (main thread only; the rank is ending)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def pick_device(device: str = "auto") -> torch.device:

@@ -30,7 +30,7 @@ from .kinds import Kind, Signal, read_signal, source_kind
 from .memory import peak_rss, preflight
 from .metrics import time_to
 from .model import MinerModel
-from .shards import save_rank_checkpoint, share_signal
+from .shards import save_checkpoint_of, share_signal
 from .train import fit as train_fit
 
 Progress = Callable[[dict[str, Any]], None]
@@ -220,10 +220,7 @@ def run(
 
     def on_checkpoint(state: Checkpoint) -> None:
         state.state["run_config"] = cfg.to_dict()
-        if team.active:
-            save_rank_checkpoint(run_dir, state, team)
-        else:
-            rundir.save_run_checkpoint(run_dir, state)
+        save_checkpoint_of(run_dir, state, team)
         if log is not None:
             log.rewrite(state.state["history"])
 

@@ -14,8 +14,9 @@ shard's tensor checksum), keeping the one before as ``checkpoint.prev.json``.
 
 A resume takes the newest manifest whose every shard is found, whole and with its checksum,
 under the rank's current or previous name: a kill at any moment (mid-shard, between the
-shards and the manifest) leaves a set that verifies. The world size must be the
-manifest's: shards are not re-partitioned.
+shards and the manifest) leaves a set that verifies. A resume with another number of ranks,
+or in one process, reshards it (:mod:`miner3d.reshard`), and so does a torchrun resume of one
+process's checkpoint; the first checkpoint of the new number removes the old one's files.
 """
 
 from __future__ import annotations
@@ -33,10 +34,13 @@ from .errors import MinerError
 from .grid import GridTransform
 from .io import atomic_write
 from .kinds import Signal, get_kind
+from .reshard import reshard
 from .rundir import (
     CHECKPOINT,
     MANIFEST,
+    PREVIOUS_CHECKPOINT,
     PREVIOUS_MANIFEST,
+    load_run_checkpoint,
     save_run_checkpoint,
     shard_names,
     write_json,
@@ -121,41 +125,66 @@ def _read_manifest(path: Path) -> dict:
 
 
 def load_rank_checkpoint(run_dir: Path, team: Team) -> tuple[Checkpoint | None, str]:
-    """This rank's shard of the newest manifest whose shards all verify, and a note of what
-    was skipped; ``(None, "")`` when the run has no manifest. Every rank calls it; they agree
-    on the manifest (one all-reduce per manifest tried)."""
+    """This rank's checkpoint from the newest manifest whose shards all verify, and a note
+    of what was skipped; ``(None, "")`` when the run has no checkpoint. Every rank calls it
+    (one process too); they agree on the manifest (one all-reduce per manifest tried). A
+    checkpoint of another number of ranks (or one process's ``checkpoint.safetensors``) is
+    resharded (:func:`miner3d.reshard.reshard`): each rank then reads every shard."""
     notes: list[str] = []
     names = [n for n in (MANIFEST, PREVIOUS_MANIFEST) if (run_dir / n).exists()]
     if not names:
-        if (run_dir / CHECKPOINT).exists():
-            raise MinerError(
-                f"{run_dir} was checkpointed by one process: resume it without torchrun"
-            )
-        return None, ""
+        single, note = load_run_checkpoint(run_dir)
+        if single is None or not team.active:
+            return single, note
+        return reshard([single], team.world_size, team.rank), _joined(note, "resharded")
     for name in names:
         try:
             manifest = _read_manifest(run_dir / name)
         except MinerError as exc:
             notes.append(f"skipped {exc}")
             continue
-        if int(manifest["world_size"]) != team.world_size:
-            raise MinerError(
-                f"{run_dir} was checkpointed by {manifest['world_size']} ranks; resume it with "
-                f"torchrun --nproc_per_node {manifest['world_size']} (shards are not "
-                f"re-partitioned; this run has {team.world_size})"
-            )
-        digest = manifest["shards_sha256"][team.rank]
-        found = None
-        for shard in shard_names(team.rank):
-            try:
-                ckpt = load_checkpoint(run_dir / shard)
-            except MinerError:
-                continue
-            if ckpt.state.get("tensors_sha256") == digest:
-                found = ckpt
-                break
-        missing = int(team.sum([found is None])[0])
+        digests = manifest["shards_sha256"]
+        wanted = [team.rank] if len(digests) == team.world_size else range(len(digests))
+        found = [_shard(run_dir, r, digests[r]) for r in wanted]
+        missing = int(team.sum([sum(f is None for f in found)])[0])
         if missing == 0:
-            return found, "; ".join(notes)
-        notes.append(f"skipped {name}: {missing} rank(s) found no matching shard")
+            if len(digests) == team.world_size:
+                return found[0], "; ".join(notes)
+            note = f"resharded from {len(digests)} ranks' checkpoint to {team.world_size}"
+            return reshard(found, team.world_size, team.rank), _joined("; ".join(notes), note)
+        notes.append(f"skipped {name}: {missing} shard(s) found no match")
     raise MinerError(f"no usable checkpoint in {run_dir} ({'; '.join(notes)})")
+
+
+def _shard(run_dir: Path, rank: int, digest: str) -> Checkpoint | None:
+    """Rank ``rank``'s shard with the manifest's checksum, current or previous; or None."""
+    for shard in shard_names(rank):
+        try:
+            ckpt = load_checkpoint(run_dir / shard)
+        except MinerError:
+            continue
+        if ckpt.state.get("tensors_sha256") == digest:
+            return ckpt
+    return None
+
+
+def _joined(*notes: str) -> str:
+    return "; ".join(n for n in notes if n)
+
+
+def save_checkpoint_of(run_dir: Path, checkpoint: Checkpoint, team: Team) -> None:
+    """Write this rank's checkpoint (one process: ``checkpoint.safetensors``; several: its
+    shard, then rank 0's manifest), then remove what a checkpoint of another number of ranks
+    left, now superseded (a collective with several ranks)."""
+    if team.active:
+        save_rank_checkpoint(run_dir, checkpoint, team)
+        stale = [run_dir / n for n in (CHECKPOINT, PREVIOUS_CHECKPOINT)] if team.leader else []
+        for path in run_dir.glob("checkpoint.rank*.safetensors") if team.leader else []:
+            if int(path.name.split(".")[1][4:]) >= team.world_size:
+                stale.append(path)
+    else:
+        save_run_checkpoint(run_dir, checkpoint)
+        stale = [run_dir / n for n in (MANIFEST, PREVIOUS_MANIFEST)]
+        stale += list(run_dir.glob("checkpoint.rank*.safetensors"))
+    for path in stale:
+        path.unlink(missing_ok=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,9 +18,11 @@ from safetensors.torch import load_file
 import miner3d
 from miner3d.bank import BankShape, MLPBank, block_uniform
 from miner3d.blocks import BlockLayout
+from miner3d.checkpoint import load_checkpoint
 from miner3d.distributed import Team, lost_rank, split_even
 from miner3d.grid import OccupancyGrid
 from miner3d.model import MinerModel
+from miner3d.reshard import reshard
 from miner3d.sharding import RankBlocks
 
 # a stand-in for `miner3d`: SIGKILL rank KILL_RANK when it starts scale 0's iteration KILL_AT
@@ -333,8 +336,27 @@ def test_a_killed_rank_ends_the_job_and_a_resume_finishes_it(tmp_path, meshes_di
     raw = np.load(run / "grid.ranks.npy", mmap_mode="r")  # what the ranks map, kept to resume
     grid = OccupancyGrid.load(run / "grid.npz").occupancy
     assert raw.dtype == np.uint8 and np.array_equal(raw, grid)
-    alone = one_process("fit", "--resume", "run", cwd=tmp_path)  # one process: refused
-    assert alone.returncode != 0 and "torchrun" in alone.stderr and "Traceback" not in alone.stderr
+    # the shards, resharded to one process and back to two, are the shards again
+    shards = [load_checkpoint(run / f"checkpoint.rank{r}.safetensors") for r in (0, 1)]
+    merged = reshard(shards, 1, 0)
+    for r, shard in enumerate(shards):
+        again = reshard([merged], 2, r)
+        assert again.tensors.keys() == shard.tensors.keys()
+        assert all(torch.equal(again.tensors[k], v) for k, v in shard.tensors.items())
+    shutil.copytree(run, tmp_path / "alone")
+    alone = one_process("fit", "--resume", "alone", cwd=tmp_path)  # one process: resharded
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    assert "resharded from 2 ranks" in alone.stdout
+    every = ["--checkpoint-every", "5it", "--threads", "1"]
+    single = subprocess.run(  # one process, killed the same way: checkpoint.safetensors
+        [sys.executable, "killer.py", "fit", *map(str, args), "-o", "single", *every],
+        cwd=tmp_path, env=_env(RANK="0", KILL_RANK="0", KILL_AT="23"), capture_output=True,
+        text=True, timeout=300,
+    )  # fmt: skip
+    assert single.returncode != 0 and (tmp_path / "single" / "checkpoint.safetensors").exists()
+    twice = torchrun("fit", "--resume", "single", cwd=tmp_path)  # two ranks: resharded
+    assert twice.returncode == 0, twice.stderr[-3000:]
+    assert "resharded" in twice.stdout
     resumed = torchrun("fit", "--resume", "run", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming at scale 0, iteration 20" in resumed.stdout
@@ -342,10 +364,12 @@ def test_a_killed_rank_ends_the_job_and_a_resume_finishes_it(tmp_path, meshes_di
     assert whole.returncode == 0, whole.stderr
     a, b = (json.loads((tmp_path / r / "summary.json").read_text()) for r in ("whole", "run"))
     assert abs(a["iou"] - b["iou"]) <= 1e-4
-    ta, tb = _model_tensors(tmp_path / "whole"), _model_tensors(run)
-    for key in ta:
-        assert torch.allclose(ta[key].double(), tb[key].double(), atol=1e-5), key
-    assert not list(run.glob("checkpoint*")) and not (run / "grid.ranks.npy").exists()
+    ta = _model_tensors(tmp_path / "whole")
+    for other in (run, tmp_path / "alone", tmp_path / "single"):  # 2 -> 2, 2 -> 1, 1 -> 2
+        tb = _model_tensors(other)
+        for key in ta:
+            assert torch.allclose(ta[key].double(), tb[key].double(), atol=1e-5), key
+        assert not list(other.glob("checkpoint*")) and not (other / "grid.ranks.npy").exists()
 
 
 def test_the_ranks_raw_grid_is_checked_before_it_is_mapped(tmp_path):
@@ -411,3 +435,18 @@ class SoloTeamOther(SoloTeam):
 
     def in_turn(self, action):
         return action(False)
+
+
+def test_a_checkpoint_of_a_new_world_size_removes_the_old_ones_files(tmp_path):
+    from miner3d.checkpoint import Checkpoint
+    from miner3d.shards import save_checkpoint_of
+
+    def checkpoint() -> Checkpoint:
+        return Checkpoint({"generator": torch.zeros(3, dtype=torch.uint8)}, {"scale": 0})
+
+    old = ["checkpoint.json", "checkpoint.prev.json", "checkpoint.rank0.safetensors"]
+    old += ["checkpoint.rank1.prev.safetensors", "checkpoint.rank2.safetensors"]
+    for name in old:
+        (tmp_path / name).write_text("x")
+    save_checkpoint_of(tmp_path, checkpoint(), Team())  # one process now
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.safetensors"]
