@@ -281,10 +281,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except MinerError as exc:
-        print(f"{who}: error: {exc}", file=sys.stderr)
+        _error_line(f"{who}: error: {exc}")
         return exc.exit_code
     except KeyboardInterrupt:
-        print(f"{who}: interrupted", file=sys.stderr)
+        _error_line(f"{who}: interrupted")
         return 130
     except BrokenPipeError:  # the reader went away (`miner3d ... | head -1`): stop quietly
         devnull = os.open(os.devnull, os.O_WRONLY)
@@ -294,9 +294,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         reason = str(exc).splitlines()[0] if str(exc) else ""
-        print(
+        _error_line(
             f"{who}: error: unexpected {type(exc).__name__}: {reason} (this is a bug in "
-            "miner3d; rerun with --debug for the traceback and report it)",
-            file=sys.stderr,
+            "miner3d; rerun with --debug for the traceback and report it)"
         )
         return 1
+
+
+def _error_line(line: str) -> None:
+    """``line`` on stderr in one write: torchrun's ranks share one stderr, unbuffered, and
+    ``print`` writes the newline apart, so two ranks' lines could run together."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()

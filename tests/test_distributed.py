@@ -313,7 +313,8 @@ def test_a_refused_fit_ends_every_rank_with_rank_0s_line_and_leaves_nothing(tmp_
     )
     assert done.returncode != 0
     lines = [x for x in done.stderr.splitlines() if x.startswith("miner3d (rank")]
-    assert len(lines) == 2 and all("needs ~" in x and "try --resolution" in x for x in lines)
+    assert sorted(x[:16] for x in lines) == ["miner3d (rank 0)", "miner3d (rank 1)"]
+    assert all("needs ~" in x and x.endswith("try --resolution 32") for x in lines)
     assert lines[0].split(": ", 1)[1] == lines[1].split(": ", 1)[1]  # rank 0's estimate
     assert not (tmp_path / "r").exists()  # the raw grid of the ranks included
 
