@@ -372,20 +372,14 @@ class OccupancyGrid:
         return cls(occupancy, transform, header["meta"])
 
 
-def map_voxels(path: Path, shape: tuple[int, ...]) -> tuple[np.ndarray, float]:
+def map_voxels(path: Path, shape: tuple[int, ...]) -> np.ndarray:
     """A grid's raw voxels, ``shape`` uint8, memory-mapped from an ``.npy`` file (what several
-    ranks read instead of each holding the grid), and their filled fraction (counted slab by
-    slab, each slab's pages handed back). A one-line error if the file holds anything else."""
-    from .memory import release_pages
-
+    ranks read instead of each holding the grid; nothing is read here). A one-line error if
+    the file holds anything else."""
     try:
         data = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as exc:
         raise MinerError(f"could not map {path}: {exc}") from None
     if data.shape != shape or data.dtype != np.uint8:
         raise MinerError(f"{path} does not hold this run's {'x'.join(map(str, shape))} grid")
-    filled, step = 0, max(1, (1 << 26) // max(1, data[:1].nbytes))
-    for start in range(0, shape[0], step):
-        filled += int(np.count_nonzero(data[start : start + step]))
-        release_pages(data)
-    return data, filled / max(1, data.size)
+    return data

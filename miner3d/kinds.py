@@ -35,9 +35,16 @@ import numpy as np
 
 from .errors import MinerError
 from .io import IMAGE_EXTENSIONS, MESH_EXTENSIONS, atomic_write, format_suffix, read_image
-from .memory import release_pages
 from .metrics import MetricSums
-from .volumes import ARRAY_EXTENSIONS, TIFF_EXTENSIONS, VOLUME_EXTENSIONS, array_shape
+from .volumes import (
+    ARRAY_EXTENSIONS,
+    TIFF_EXTENSIONS,
+    VOLUME_EXTENSIONS,
+    array_shape,
+    filled_fraction,
+    only_zero_one,
+    sample_range,
+)
 
 GRID_EXTENSIONS = (".npz",)
 
@@ -231,41 +238,14 @@ class Signal:
         return int(self.data.shape[0])
 
 
-def _chunks(data: np.ndarray, budget: int = 1 << 26):
-    """``data`` ``(C, *S)`` in slabs along its first spatial axis of about ``budget`` bytes
-    (a memory map's pages are read slab by slab)."""
-    per = max(1, data[:, :1].nbytes)
-    step = max(1, budget // per)
-    for start in range(0, data.shape[1], step):
-        yield np.asarray(data[:, start : start + step])
-        release_pages(data)
-
-
 def _mapped_grid(path: Path, transform, meta: dict, kind: Kind, source: str) -> Signal:
     """A grid's raw voxels memory-mapped (:func:`miner3d.grid.map_voxels`) as a signal."""
     from .grid import map_voxels
 
-    data, filled = map_voxels(path, tuple(transform.shape))
-    info = {"kind": source, "grid_shape": list(data.shape), "filled_fraction": filled}
-    return Signal(data[None], kind, 1.0, transform, info | {"voxelize": meta})
-
-
-def only_zero_one(data: np.ndarray) -> bool:
-    """Whether every sample is 0 or 1 (streamed slab by slab)."""
-    return all(bool(np.all(chunk <= 1)) for chunk in _chunks(data))
-
-
-def sample_range(data: np.ndarray, path: Path | str = "the input") -> tuple[float, float]:
-    """``(min, max)`` of the samples, streamed slab by slab; a one-line error if any is NaN
-    or infinite, or if the volume is constant."""
-    lo, hi = math.inf, -math.inf
-    for chunk in _chunks(data):
-        lo, hi = min(lo, float(chunk.min())), max(hi, float(chunk.max()))
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        raise MinerError(f"{path} holds NaN or infinite samples")
-    if hi == lo:
-        raise MinerError(f"{path} is constant (every sample is {lo:g}): there is nothing to fit")
-    return lo, hi
+    data = map_voxels(path, tuple(transform.shape))[None]
+    info = {"kind": source, "grid_shape": list(data.shape[1:])}
+    info |= {"filled_fraction": filled_fraction(data), "voxelize": meta}
+    return Signal(data, kind, 1.0, transform, info)
 
 
 def volume_signal(
@@ -321,9 +301,8 @@ def read_signal(
     file exists; a new grid is saved to ``save_grid``); an ``.npz`` grid is loaded; a volume
     file (``.binvox``, arrays, stacks, NIfTI, VTK) must hold only 0 and 1. Image: see
     :func:`miner3d.io.read_image` (uncompressed TIFFs are memory-mapped), or a 2D array.
-    ``mapped`` (several ranks): a mesh's grid is also written there raw (``.npy``, 1 byte a
-    voxel) and returned memory-mapped from it, so that each rank reads only its blocks; with
-    ``reuse_grid``, an existing one is mapped at once.
+    ``mapped`` (several ranks): a mesh's grid is also written there raw (``.npy``) and mapped
+    from it, each rank reading only its blocks; with ``reuse_grid``, an existing one is mapped.
     Volume: :func:`miner3d.volumes.read_volume` (memory-mapped where the format allows), mapped
     to ``[0, 1]`` by its range (:func:`volume_signal`). Peak memory: the voxelizer's (see
     :mod:`voxelizer`), or the decoded samples in their own dtype (nothing for a memory map).
@@ -367,7 +346,7 @@ def read_signal(
                 "0 and 1 (fit it with --kind volume)"
             )
         data = data.view(np.uint8) if data.dtype == np.bool_ else data
-        info["filled_fraction"] = float(sum(int(c.sum()) for c in _chunks(data))) / data.size
+        info["filled_fraction"] = filled_fraction(data)
         return Signal(data, kind, 1.0, volume.transform, info)
     if kind.name != "occupancy":
         raise MinerError(f"{path} is a mesh or a miner3d grid: an occupancy input")

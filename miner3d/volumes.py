@@ -41,7 +41,7 @@ from .imaging import (
     spaced_transform,
 )
 from .io import atomic_write, check_input_file, format_suffix, npy_header
-from .memory import preflight
+from .memory import preflight, release_pages
 
 ARRAY_EXTENSIONS = (".npy", ".npz")
 TIFF_EXTENSIONS = (".tif", ".tiff")
@@ -327,3 +327,36 @@ def write_volume(
                 metadata=json.loads(json.dumps(description)),
             )
     return path
+
+
+def _chunks(data: np.ndarray, budget: int = 1 << 26):
+    """``data`` ``(C, *S)`` in slabs along its first spatial axis of about ``budget`` bytes
+    (a memory map's pages are read slab by slab)."""
+    per = max(1, data[:, :1].nbytes)
+    step = max(1, budget // per)
+    for start in range(0, data.shape[1], step):
+        yield np.asarray(data[:, start : start + step])
+        release_pages(data)
+
+
+def filled_fraction(data: np.ndarray) -> float:
+    """The fraction of 1s in a 0/1 array ``(C, *S)``, slab by slab (:func:`_chunks`)."""
+    return float(sum(int(np.count_nonzero(c)) for c in _chunks(data))) / max(1, data.size)
+
+
+def only_zero_one(data: np.ndarray) -> bool:
+    """Whether every sample is 0 or 1 (streamed slab by slab)."""
+    return all(bool(np.all(chunk <= 1)) for chunk in _chunks(data))
+
+
+def sample_range(data: np.ndarray, path: Path | str = "the input") -> tuple[float, float]:
+    """``(min, max)`` of the samples, streamed slab by slab; a one-line error if any is NaN
+    or infinite, or if the volume is constant."""
+    lo, hi = math.inf, -math.inf
+    for chunk in _chunks(data):
+        lo, hi = min(lo, float(chunk.min())), max(hi, float(chunk.max()))
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise MinerError(f"{path} holds NaN or infinite samples")
+    if hi == lo:
+        raise MinerError(f"{path} is constant (every sample is {lo:g}): there is nothing to fit")
+    return lo, hi
