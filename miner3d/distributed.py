@@ -130,18 +130,18 @@ class Team:
         """``action(True)`` on rank 0, then ``action(False)`` on the others (which may
         reuse what rank 0 wrote, e.g. a voxelized grid). If rank 0 fails, every rank
         fails: the others with a :class:`MinerError` carrying rank 0's message, and rank 0
-        ignores SIGTERM while it ends (:func:`_ending`)."""
+        ignores SIGTERM while it ends (:func:`ignore_sigterm`)."""
         if not self.active:
             return action(True)
         if self.leader:
             try:
                 result = action(True)
             except MinerError as exc:
-                _ending()
+                ignore_sigterm()
                 self.broadcast_text(str(exc) or "rank 0 failed")
                 raise
             except BaseException:
-                _ending()
+                ignore_sigterm()
                 self.broadcast_text("rank 0 failed (see its error)")
                 raise
             self.broadcast_text("")
@@ -152,7 +152,7 @@ class Team:
         return action(False)
 
 
-def _ending() -> None:
+def ignore_sigterm() -> None:
     """This rank ends with an error that every rank ends with: torchrun SIGTERMs the ranks
     still running as soon as one exits, which must not cut this one's clean-up and one-line
     error short, so SIGTERM is ignored from here on (main thread only; the rank is ending)."""

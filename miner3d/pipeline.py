@@ -22,7 +22,7 @@ import numpy as np
 from . import rundir
 from .checkpoint import Checkpoint
 from .config import RunConfig
-from .distributed import Team, lost_rank
+from .distributed import Team, ignore_sigterm, lost_rank
 from .errors import DivergedError, FitInterrupted, MinerError
 from .grid import OccupancyGrid
 from .io import file_sha256
@@ -87,13 +87,11 @@ class StopFlag:
         return self
 
     def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
-        # another rank died: torchrun now sends this one SIGTERM, which must not cut off the
-        # one-line error that names the lost rank (this rank ends with it anyway)
-        ending = exc is not None and lost_rank(exc)
         for signum, previous in self._previous.items():
-            ignore = ending and signum == signal.SIGTERM
-            signal.signal(signum, signal.SIG_IGN if ignore else previous)
+            signal.signal(signum, previous)
         self._previous.clear()
+        if exc is not None and lost_rank(exc):  # torchrun SIGTERMs this rank next
+            ignore_sigterm()  # which must not cut off the line naming the lost rank
 
 
 def _preflight(sig: Signal, cfg: RunConfig, max_memory: int | None, ranks: int = 1) -> None:
@@ -332,7 +330,7 @@ def run(
     if run_dir is not None:
         rundir.write_json(run_dir / rundir.SUMMARY, summary)
         rundir.remove_checkpoints(run_dir)
-        for raw in run_dir.glob("*.ranks.*"):  # the ranks' raw copies of the input
+        for raw in run_dir.glob(rundir.RANK_COPIES):
             raw.unlink()
     return model, summary, result.history
 

@@ -19,6 +19,7 @@ import torch
 from .checkpoint import CURRENT, GENERATOR, MODEL, Checkpoint
 from .distributed import split_even
 from .metrics import MetricSums
+from .sharding import first_of_each
 
 
 def reshard(shards: list[Checkpoint], world: int, rank: int) -> Checkpoint:
@@ -33,10 +34,7 @@ def reshard(shards: list[Checkpoint], world: int, rank: int) -> Checkpoint:
     for prefix in sorted({n[: n.index(".", len(MODEL)) + 1] for n in names}):
         keys = sorted({n[len(prefix) :] for n in names if n.startswith(prefix)})
         whole = {k: _cat(shards, prefix + k) for k in keys}
-        ids, order = torch.sort(whole["block_ids"])
-        once = torch.ones(len(ids), dtype=torch.bool)
-        once[1:] = ids[1:] != ids[:-1]  # a checkpoint of an older version held every block
-        order = order[once]
+        _, order = first_of_each(whole["block_ids"])  # an older version's held every block
         lo, hi = split_even(len(order), world, rank)
         tensors.update({prefix + k: v[order[lo:hi]] for k, v in whole.items()})
     if CURRENT + "active" in shards[0].tensors:

@@ -47,6 +47,7 @@ CONFIG = "config.yaml"
 RUN = "run.json"
 GRID = "grid.npz"
 RANK_GRID = "grid.ranks.npy"  # several ranks: the grid's raw voxels, memory-mapped by each
+RANK_COPIES = "*.ranks.*"  # that, and any input's raw copy (:mod:`miner3d.shards`)
 CHECKPOINT = "checkpoint.safetensors"
 PREVIOUS_CHECKPOINT = "checkpoint.prev.safetensors"
 MANIFEST = "checkpoint.json"
@@ -302,7 +303,7 @@ def discard_failed(run_dir: Path, created: bool, since: float) -> None:
     that the same command can simply be run again; an earlier run's files stay."""
     if checkpoint_files(run_dir):
         return
-    for path in [*(run_dir / n for n in (CONFIG, RUN, GRID, METRICS)), *run_dir.glob("*.ranks.*")]:
+    for path in [*(run_dir / n for n in (CONFIG, RUN, GRID, METRICS)), *run_dir.glob(RANK_COPIES)]:
         if path.exists() and path.stat().st_mtime >= since:
             path.unlink()
     remove_temporaries(run_dir)

@@ -135,14 +135,14 @@ class RankBlocks:
         flat = torch.cat([p.detach()[order].reshape(len(order), n) for p, n in pairs], 1)
         got_ids = self.team.all_to_all(ids[order], counts)
         got = self.team.all_to_all(flat, counts)
-        got_ids, first = _first_of_each(got_ids)  # a checkpoint of an older version: twice
+        got_ids, first = first_of_each(got_ids)  # a checkpoint of an older version: twice
         parts = torch.split(got[first], widths, dim=1)
         shapes = [p.shape[1:] for p in bank.params]
         params = [x.reshape(len(got_ids), *n) for x, n in zip(parts, shapes, strict=True)]
         return got_ids, MLPBank(bank.shape, params)
 
 
-def _first_of_each(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def first_of_each(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sorted unique ``ids`` and the position of each one's first occurrence."""
     unique, inverse = torch.unique(ids, return_inverse=True)
     first = torch.full((len(unique),), len(ids), dtype=torch.long, device=ids.device)

@@ -176,15 +176,16 @@ def save_checkpoint_of(run_dir: Path, checkpoint: Checkpoint, team: Team) -> Non
     """Write this rank's checkpoint (one process: ``checkpoint.safetensors``; several: its
     shard, then rank 0's manifest), then remove what a checkpoint of another number of ranks
     left, now superseded (a collective with several ranks)."""
-    if team.active:
-        save_rank_checkpoint(run_dir, checkpoint, team)
-        stale = [run_dir / n for n in (CHECKPOINT, PREVIOUS_CHECKPOINT)] if team.leader else []
-        for path in run_dir.glob("checkpoint.rank*.safetensors") if team.leader else []:
-            if int(path.name.split(".")[1][4:]) >= team.world_size:
-                stale.append(path)
-    else:
+    shards = run_dir.glob("checkpoint.rank*.safetensors")
+    if not team.active:
         save_run_checkpoint(run_dir, checkpoint)
-        stale = [run_dir / n for n in (MANIFEST, PREVIOUS_MANIFEST)]
-        stale += list(run_dir.glob("checkpoint.rank*.safetensors"))
+        stale = [run_dir / MANIFEST, run_dir / PREVIOUS_MANIFEST, *shards]
+    else:
+        save_rank_checkpoint(run_dir, checkpoint, team)
+        if not team.leader:
+            return
+        ours = {name for r in range(team.world_size) for name in shard_names(r)}
+        stale = [run_dir / CHECKPOINT, run_dir / PREVIOUS_CHECKPOINT]
+        stale += [path for path in shards if path.name not in ours]
     for path in stale:
         path.unlink(missing_ok=True)

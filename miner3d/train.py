@@ -243,8 +243,8 @@ class _Trainer:
             self.blocks.round(c.weights)
             self.scale_metrics[finest] = fitted | self._full_grid(finest)
         model = self.blocks.gather()  # the whole model (rank 0; None on the other ranks)
-        if model is not None:
-            model.round_weights(c.weights)
+        if model is not None:  # its rows were rounded by their owners
+            model.weights = c.weights
         stages = {f"seconds_{k}": round(v, 3) for k, v in self.stage_seconds.items()}
         summary = {
             "seconds": round(time.perf_counter() - self.start, 3),
