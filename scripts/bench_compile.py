@@ -12,7 +12,6 @@ pays them once per process, and again for every new shape when static).
 
 from __future__ import annotations
 
-import itertools
 import os
 import platform
 import statistics
@@ -22,28 +21,26 @@ from pathlib import Path
 
 import torch
 
+from miner3d.bank import BankShape, MLPBank
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 CHUNK = 1 << 14
 
 
-def loss_of(coords, target, w0: float, *params):
-    """Sum over blocks of each block's MSE: ``params`` are ``(n, in, out)``, ``(n, 1, out)``
-    per layer, ``coords`` ``(P, d)``, ``target`` ``(n, P, C)``."""
-    x = coords.expand(params[0].shape[0], *coords.shape)
-    last = len(params) // 2 - 1
-    for layer in range(last + 1):
-        x = torch.baddbmm(params[2 * layer + 1], x, params[2 * layer])
-        if layer < last:
-            x = torch.sin(w0 * x)
-    return (x - target).square().mean(dim=(1, 2)).sum()
+def loss_of(coords, target, shape, *params):
+    """Sum over blocks of each block's MSE, through the bank's own forward
+    (:meth:`miner3d.bank.MLPBank.forward`): ``params`` are ``(n, in, out)``, ``(n, 1, out)``
+    per layer of a bank of ``shape``, ``coords`` ``(P, d)``, ``target`` ``(n, P, C)``."""
+    out = MLPBank(shape, list(params)).forward(coords)
+    return (out - target).square().mean(dim=(1, 2)).sum()
 
 
-def step(f, params, coords, target, w0: float, per_chunk: int) -> None:
+def step(f, params, coords, target, shape, per_chunk: int) -> None:
     n = params[0].shape[0]
     for s in range(0, n, per_chunk):
         rows = [p[s : s + per_chunk].detach().requires_grad_() for p in params]
-        loss = f(coords, target[s : s + per_chunk], w0, *rows)
+        loss = f(coords, target[s : s + per_chunk], shape, *rows)
         torch.autograd.grad(loss, rows)
 
 
@@ -66,13 +63,13 @@ def main() -> None:
     print("| case | eager ms | compiled ms (first step s) | dynamic ms (first step s) |")
     print("|---|---|---|---|")
     for name, (d, hidden, layers, channels, n, points) in CASES.items():
-        sizes = [d] + [hidden] * layers + [channels]
+        shape = BankShape(d, hidden, layers, channels, 30.0)
         params = []
-        for i, o in itertools.pairwise(sizes):
+        for i, o in shape.layer_sizes:
             params += [torch.randn(n, i, o) * 0.1, torch.zeros(n, 1, o)]
         coords = torch.rand(points, d) * 2 - 1
         target = torch.randn(n, points, channels)
-        args = (params, coords, target, 30.0, max(1, CHUNK // points))
+        args = (params, coords, target, shape, max(1, CHUNK // points))
         row = [f"{timed(loss_of, *args) * 1e3:.0f}"]
         for dynamic in (False, True):
             torch._dynamo.reset()

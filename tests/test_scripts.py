@@ -178,5 +178,5 @@ def test_bench_compile_times_the_banks_own_forward():
     coords = torch.rand(16, 2) * 2 - 1
     target = torch.rand(5, 16, 3)
     expected = (bank.forward(coords) - target).square().mean(dim=(1, 2)).sum()
-    got = module.loss_of(coords, target, 30.0, *bank.params)
+    got = module.loss_of(coords, target, shape, *bank.params)
     assert torch.allclose(got, expected)
