@@ -118,6 +118,15 @@ class BlockLayout:
         hi = min(top, math.floor((rows[1] * b - 0.5) / factor - 0.5) + 2)
         return lo // b, hi // b + 1
 
+    def windows(self, s: int, lo: int, hi: int) -> dict[int, tuple[int, int]]:
+        """For a pass over blocks ``[lo, hi)`` of scale ``s``: the block rows it reads of every
+        scale ``k >= s`` (scale ``s``: the run's own rows; each coarser one: the halo of the
+        one below, :meth:`halo_rows`, so nested reads stay inside too)."""
+        rows = {s: self.rows_of_ids(s, lo, hi)}
+        for k in range(s + 1, self.n_scales):
+            rows[k] = self.halo_rows(k - 1, rows[k - 1], k)
+        return rows
+
     def valid_mask(self, j: int, ids: torch.Tensor) -> torch.Tensor | None:
         """``(n, b, ..., b)`` bool mask of the samples inside the unpadded signal, or ``None``
         when the grid needs no padding at this scale."""

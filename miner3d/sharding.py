@@ -98,10 +98,7 @@ class RankBlocks:
         Memory: the windows' banks and, when decoded, their dense fields."""
         if not self.team.active:
             return
-        rows = self.layout.rows_of_ids(s, lo, hi)
-        for k in range(s, self.layout.n_scales):
-            if k > s:
-                rows = self.layout.halo_rows(k - 1, rows, k)
+        for k, rows in self.layout.windows(s, lo, hi).items():
             if k < from_scale or k not in self.owned:
                 continue
             keep = self.held.get(k) == rows

@@ -193,11 +193,9 @@ def windows(layout, scales: dict, j: int, lo: int, hi: int, w: int, rank: int) -
     """For a run of blocks ``[lo, hi)`` of scale ``j`` on rank ``rank`` of ``w``: per coarser
     scale ``k``, the MLP blocks of its halo window, and how many of them are another rank's
     (what :meth:`miner3d.sharding.RankBlocks.focus` installs and fetches)."""
-    rows = layout.rows_of_ids(j, lo, hi)
     out = {}
-    for k in range(j + 1, layout.n_scales):
-        rows = layout.halo_rows(k - 1, rows, k)
-        if k not in scales:
+    for k, rows in layout.windows(j, lo, hi).items():
+        if k == j or k not in scales:
             continue
         live = scales[k]["ids"]
         a, b = layout.ids_of_rows(k, rows)
