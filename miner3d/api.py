@@ -30,7 +30,7 @@ import numpy as np
 from . import pipeline, rundir
 from .checkpoint import Checkpoint
 from .config import RunConfig, build_config, default_preset, override_key
-from .distributed import join, pick_device
+from .distributed import joined, pick_device
 from .errors import FitInterrupted, MinerError
 from .facade import Model
 from .grid import OccupancyGrid
@@ -112,42 +112,43 @@ def fit(
     Started by ``torchrun`` with several ranks, every rank calls this with the same
     arguments: the ranks share each scale's blocks (:mod:`miner3d.distributed`), rank 0
     alone writes ``output`` (its name is rank 0's) and reports, and returns the whole model;
-    the other ranks return ``model=None`` (each held only its blocks and their halo).
+    the other ranks return ``model=None`` (each held only its blocks and their halo). The
+    process group ends with the call, unless the caller had started it.
     """
     budget = _budget(max_memory)
     signal_in, path, the_kind = _source(source, kind)
     cfg = _config(the_kind, preset, config, overrides, signal_in)
-    team, device = join(pick_device(cfg.device))  # before anything is written
-    if not team.leader:
-        progress = banner = None
-    info = pipeline.run_info(source, path, the_kind)
-    args = (signal_in, path, the_kind, cfg, device, info)
-    if output is None:
-        model, summary, history = pipeline.run(
-            *args, None, None, budget, progress, banner, team=team
-        )
-        return FitResult(_wrap(model), summary, history, None)
-    run_dir = Path(team.broadcast_text(str(output)))
-    started = time.time() - 1e-3
+    with joined(pick_device(cfg.device)) as (team, device):  # before anything is written
+        if not team.leader:
+            progress = banner = None
+        info = pipeline.run_info(source, path, the_kind)
+        args = (signal_in, path, the_kind, cfg, device, info)
+        if output is None:
+            model, summary, history = pipeline.run(
+                *args, None, None, budget, progress, banner, team=team
+            )
+            return FitResult(_wrap(model), summary, history, None)
+        run_dir = Path(team.broadcast_text(str(output)))
+        started = time.time() - 1e-3
 
-    def open_dir(first: bool) -> tuple[rundir.RunLock | None, bool]:
-        return rundir.open_run_dir(run_dir, force, break_lock) if first else (None, False)
+        def open_dir(first: bool) -> tuple[rundir.RunLock | None, bool]:
+            return rundir.open_run_dir(run_dir, force, break_lock) if first else (None, False)
 
-    lock, created = team.in_turn(open_dir)
-    try:
-        model, summary, history = pipeline.run(
-            *args, run_dir, None, budget, progress, banner, team=team
-        )
-    except BaseException as exc:
-        if lock is not None:
-            lock.release()  # first: discarding may remove the directory
-            if not isinstance(exc, FitInterrupted):  # an interrupted run keeps its checkpoint
-                rundir.discard_failed(run_dir, created, started)
-        raise
-    finally:
-        if lock is not None:
-            lock.release()
-    return FitResult(_wrap(model), summary, history, run_dir)
+        lock, created = team.in_turn(open_dir)
+        try:
+            model, summary, history = pipeline.run(
+                *args, run_dir, None, budget, progress, banner, team=team
+            )
+        except BaseException as exc:
+            if lock is not None:
+                lock.release()  # first: discarding may remove the directory
+                if not isinstance(exc, FitInterrupted):  # an interrupted run keeps its checkpoint
+                    rundir.discard_failed(run_dir, created, started)
+            raise
+        finally:
+            if lock is not None:
+                lock.release()
+        return FitResult(_wrap(model), summary, history, run_dir)
 
 
 RESUME_CHANGES = (
@@ -189,51 +190,51 @@ def resume(
         raise MinerError(f"{run_dir} is not a miner3d run directory")
     rundir.read_run(run_dir)  # not a run: its own error, before its config is read
     cfg = build_config(config_file=run_dir / rundir.CONFIG, overrides=values)
-    team, device = join(pick_device(cfg.device))
-    if not team.leader:
-        progress = banner = None
+    with joined(pick_device(cfg.device)) as (team, device):
+        if not team.leader:
+            progress = banner = None
 
-    def take_lock(first: bool) -> rundir.RunLock | None:  # rank 0 holds the run's lock
-        return rundir.RunLock(run_dir, break_lock).acquire() if first else None
+        def take_lock(first: bool) -> rundir.RunLock | None:  # rank 0 holds the run's lock
+            return rundir.RunLock(run_dir, break_lock).acquire() if first else None
 
-    lock = team.in_turn(take_lock)
-    try:
-        info = rundir.read_run(run_dir)  # again, now that the run is ours
-        if info["source"] == "<array>":
-            raise MinerError(f"{run_dir} was fitted from an in-memory array; only files resume")
-        path = check_input_file(Path(info["source"]))
-        if not allow_changed_input and file_sha256(path) != info["sha256"]:
-            raise MinerError(
-                f"{path} changed since {run_dir} started (SHA-256 differs); pass "
-                "--allow-changed-input to continue with the new file anyway"
+        lock = team.in_turn(take_lock)
+        try:
+            info = rundir.read_run(run_dir)  # again, now that the run is ours
+            if info["source"] == "<array>":
+                raise MinerError(f"{run_dir} was fitted from an in-memory array; only files resume")
+            path = check_input_file(Path(info["source"]))
+            if not allow_changed_input and file_sha256(path) != info["sha256"]:
+                raise MinerError(
+                    f"{path} changed since {run_dir} started (SHA-256 differs); pass "
+                    "--allow-changed-input to continue with the new file anyway"
+                )
+            the_kind = get_kind(info.get("signal_kind") or kind_of_path(path))
+            ckpt, note = load_rank_checkpoint(run_dir, team)  # resharded for another world size
+            if note and banner is not None:
+                banner(f"note: {note}")
+            _check_resume(run_dir, cfg, ckpt, info)
+            if team.leader:
+                if values:
+                    rundir.write_yaml(run_dir / rundir.CONFIG, cfg.to_dict())
+                rundir.remove_temporaries(run_dir)
+            model, summary, history = pipeline.run(
+                None,
+                path,
+                the_kind,
+                cfg,
+                device,
+                info,
+                run_dir,
+                ckpt,
+                budget,
+                progress,
+                banner,
+                team=team,
             )
-        the_kind = get_kind(info.get("signal_kind") or kind_of_path(path))
-        ckpt, note = load_rank_checkpoint(run_dir, team)  # resharded for another world size
-        if note and banner is not None:
-            banner(f"note: {note}")
-        _check_resume(run_dir, cfg, ckpt, info)
-        if team.leader:
-            if values:
-                rundir.write_yaml(run_dir / rundir.CONFIG, cfg.to_dict())
-            rundir.remove_temporaries(run_dir)
-        model, summary, history = pipeline.run(
-            None,
-            path,
-            the_kind,
-            cfg,
-            device,
-            info,
-            run_dir,
-            ckpt,
-            budget,
-            progress,
-            banner,
-            team=team,
-        )
-    finally:
-        if lock is not None:
-            lock.release()
-    return FitResult(_wrap(model), summary, history, run_dir)
+        finally:
+            if lock is not None:
+                lock.release()
+        return FitResult(_wrap(model), summary, history, run_dir)
 
 
 def _budget(max_memory: int | str | None) -> int | None:

@@ -272,9 +272,6 @@ def cmd_fit(args: argparse.Namespace) -> int:
     finally:
         if progress is not None:
             progress.close()
-        from .distributed import leave
-
-        leave()
     if not args.quiet:
         for line in describe_summary(result.summary):
             print(line)

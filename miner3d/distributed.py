@@ -23,12 +23,13 @@ rank ends the job within a minute instead of gloo's default 30.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import signal
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -210,6 +211,21 @@ def leave() -> None:
     """End this process's group, if any (after the last collective)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+@contextlib.contextmanager
+def joined(device: torch.device) -> Iterator[tuple[Team, torch.device]]:
+    """:func:`join` for the ``with`` block, then :func:`leave` if this call started the
+    group (a group the caller started stays theirs). A process that exits with its gloo
+    group alive can abort in the group's threads at interpreter exit ("terminate called
+    without an active exception", pytorch/pytorch#190489)."""
+    dist = torch.distributed
+    started = launched() and not (dist.is_available() and dist.is_initialized())
+    try:
+        yield join(device)
+    finally:
+        if started:
+            leave()
 
 
 def split_even(n: int, world_size: int, rank: int) -> tuple[int, int]:

@@ -284,9 +284,11 @@ def test_two_ranks_equal_one_process_on_the_other_paths(tmp_path, meshes_dir):
 
 API_RANKS = r"""
 import json, os, sys
+import torch
 import miner3d
 result = miner3d.fit(sys.argv[1], resolution=48, output="api", max_iters=40)
 line = {"rank": int(os.environ["RANK"]), "model": result.model is not None}
+line["group_left"] = not torch.distributed.is_initialized()  # fit ended the group it started
 if result.model is not None:
     line["watertight"] = bool(result.model.mesh(lod=0).is_watertight)
 print("RESULT " + json.dumps(line))
@@ -300,8 +302,8 @@ def test_the_api_under_torchrun_returns_the_model_on_rank_0_only(tmp_path, meshe
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [json.loads(x[7:]) for x in done.stdout.splitlines() if x.startswith("RESULT ")]
     ranks = {line["rank"]: line for line in lines}
-    assert ranks[0] == {"rank": 0, "model": True, "watertight": True}
-    assert ranks[1] == {"rank": 1, "model": False}
+    assert ranks[0] == {"rank": 0, "model": True, "group_left": True, "watertight": True}
+    assert ranks[1] == {"rank": 1, "model": False, "group_left": True}
     assert (tmp_path / "api" / "model.safetensors").exists()
 
 
