@@ -161,10 +161,10 @@ class ScaleState:
         channels = self.opt.bank.shape.out_features
         coords = coords if pick is None else coords[pick]
 
-        def block_mse(rows: slice, part: MLPBank) -> torch.Tensor:
+        def block_mse(rows: slice, out: torch.Tensor) -> torch.Tensor:
             cache = None if self.targets is None else self.targets[rows]
             target = residuals.at(self.scale, self.live_ids[rows], cache, pick)
-            out = part.forward(coords).transpose(1, 2)
+            out = out.transpose(1, 2)
             err2 = (out - target).square()
             mse = err2.flatten(1).mean(dim=1)
             if len(self.partial_ids):  # blocks reaching into the padding: real samples only
@@ -179,7 +179,7 @@ class ScaleState:
                     mse = mse.index_put((at,), sse / real)
             return mse
 
-        return self.opt.backward(max(1, batch_samples // coords.shape[0]), block_mse)
+        return self.opt.backward(max(1, batch_samples // coords.shape[0]), coords, block_mse)
 
     def freeze(self, block_mse: torch.Tensor, freeze_mse: float, residuals: Residuals) -> None:
         """Active blocks whose MSE ``(m,)`` reached ``freeze_mse`` leave the optimisation with

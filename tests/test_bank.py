@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from miner3d.bank import BankAdam, BankShape, MLPBank
@@ -43,3 +45,54 @@ def test_adam_keep_shrinks_parameters_and_state():
     bank.forward(torch.rand(5, 3)).sum().backward()
     opt.step()  # still consistent after compaction
     assert opt.step_count == 2
+
+
+def _mse(target: torch.Tensor, rows: slice, out: torch.Tensor) -> torch.Tensor:
+    return (out - target[rows]).square().flatten(1).mean(1)
+
+
+def _autograd_grads(bank: MLPBank, coords: torch.Tensor, target: torch.Tensor):
+    params = [p.detach().clone().requires_grad_(True) for p in bank.params]
+    out = MLPBank(bank.shape, params).forward(coords)
+    losses = (out - target).square().flatten(1).mean(1)
+    losses.sum().backward()
+    return losses.detach(), [p.grad for p in params]
+
+
+def test_the_written_out_backward_equals_autograd():
+    """``BankAdam.backward`` (SIREN's derivatives by hand, in chunks of rows) gives the
+    gradients autograd gives through ``forward``, for 2D and 3D inputs, several outputs,
+    chunks of one row and of several."""
+    for shape in (BankShape(3, 22, 2, 1, 30.0), BankShape(2, 20, 3, 3, 30.0)):
+        bank = MLPBank.for_blocks(shape, torch.arange(7), 0, 0)
+        coords = torch.rand(50, shape.in_features, generator=torch.Generator().manual_seed(1))
+        coords = coords * 2 - 1
+        target = torch.rand(7, 50, shape.out_features, generator=torch.Generator().manual_seed(2))
+        want_losses, want = _autograd_grads(bank, coords, target)
+        for chunk in (1, 3, 7):
+            opt = BankAdam(bank, 1e-3)
+            losses = opt.backward(chunk, coords, partial(_mse, target))
+            torch.testing.assert_close(losses, want_losses, rtol=1e-5, atol=1e-7)
+            for p, g in zip(bank.params, want, strict=True):
+                assert p.grad.shape == g.shape
+                torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-5 * float(g.abs().max()))
+
+
+def test_written_out_gradients_are_the_same_in_any_company():
+    shape = BankShape(3, 22, 2, 1, 30.0)
+    bank = MLPBank.for_blocks(shape, torch.arange(9), 0, 0)
+    coords = torch.rand(64, 3) * 2 - 1
+    target = torch.rand(9, 64, 1)
+
+    def grads(rows: slice) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        buffers = [torch.zeros_like(p) for p in bank.params]
+        losses = bank.train_chunk(
+            coords, rows, lambda out: (out - target[rows]).square().flatten(1).mean(1), buffers
+        )
+        return losses, [b[rows] for b in buffers]
+
+    all_losses, all_grads = grads(slice(0, 9))
+    for rows in (slice(0, 1), slice(3, 5), slice(2, 9), slice(8, 9)):
+        losses, part = grads(rows)
+        assert torch.equal(losses, all_losses[rows])  # bitwise: a batch of one included
+        assert all(torch.equal(g, a[rows]) for g, a in zip(part, all_grads, strict=True))
