@@ -96,3 +96,36 @@ def test_written_out_gradients_are_the_same_in_any_company():
         losses, part = grads(rows)
         assert torch.equal(losses, all_losses[rows])  # bitwise: a batch of one included
         assert all(torch.equal(g, a[rows]) for g, a in zip(part, all_grads, strict=True))
+
+
+def test_bank_adam_steps_like_torch_adam_through_keep():
+    """Three steps, rows dropped, two more: the same parameters as ``torch.optim.Adam`` on
+    the kept rows (the moments and step count carried over)."""
+    shape = BankShape(2, 6, 1, 1, 30.0)
+    bank = MLPBank.create(shape, 5, generator=torch.Generator().manual_seed(0))
+    ref = [p.detach().clone().requires_grad_(True) for p in bank.params]
+    opt, torch_opt = BankAdam(bank, lr=1e-2), torch.optim.Adam(ref, lr=1e-2)
+    gen = torch.Generator().manual_seed(3)
+    for step in range(5):
+        if step == 3:
+            rows = torch.tensor([0, 2, 4])
+            opt.keep(rows)
+            ref = [p.detach()[rows].clone().requires_grad_(True) for p in ref]
+            state = torch_opt.state
+            moved = torch.optim.Adam(ref, lr=1e-2)
+            for new, old in zip(ref, torch_opt.param_groups[0]["params"], strict=True):
+                s = state[old]
+                moved.state[new] = {
+                    "step": s["step"].clone(),
+                    "exp_avg": s["exp_avg"][rows].clone(),
+                    "exp_avg_sq": s["exp_avg_sq"][rows].clone(),
+                }
+            torch_opt = moved
+        for p, q in zip(bank.params, ref, strict=True):
+            g = torch.randn(p.shape, generator=gen)
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        torch_opt.step()
+        for p, q in zip(bank.params, ref, strict=True):
+            torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-7)
+    assert opt.step_count == 5
