@@ -20,7 +20,6 @@ from functools import partial
 
 import numpy as np
 import torch
-from torch.optim.adam import adam
 
 from .errors import MinerError
 
@@ -290,34 +289,23 @@ class BankAdam:
 
     @torch.no_grad()
     def step(self) -> None:
-        """One Adam step from the parameters' ``.grad`` (then cleared), by torch's fused
-        kernel (one pass over parameter, gradient and moments; CPU and CUDA): 3x faster than
-        the same step as separate in-place operations (Lucy 1024's finest bank, 13 M
-        parameters: 24 -> 8 ms on the 2-core CPU)."""
-        live = [i for i, p in enumerate(self.bank.params) if p.grad is not None]
-        if not live:
-            return
-        params = [self.bank.params[i] for i in live]
-        steps = [torch.full((), float(self.step_count), device=p.device) for p in params]
+        """One Adam step from the parameters' ``.grad`` (then cleared; a gradient tensor
+        serves as scratch for the denominator: nothing is allocated). Not torch's fused
+        Adam, though 3x faster at this step on a CPU: it rounds an element by where it falls
+        in the tensor (vector body or scalar tail), so a block's update would depend on its
+        company, and two ranks would no longer fit exactly as one process."""
         self.step_count += 1
         b1, b2 = self.betas
-        adam(
-            params,
-            [p.grad for p in params],
-            [self.exp_avg[i] for i in live],
-            [self.exp_avg_sq[i] for i in live],
-            [],
-            steps,  # the kernel counts this step in
-            fused=True,
-            amsgrad=False,
-            beta1=b1,
-            beta2=b2,
-            lr=self.lr,
-            weight_decay=0.0,
-            eps=self.eps,
-            maximize=False,
-        )
-        for p in params:
+        c1 = 1 - b1**self.step_count
+        c2 = 1 - b2**self.step_count
+        for p, m, v in zip(self.bank.params, self.exp_avg, self.exp_avg_sq, strict=True):
+            g = p.grad
+            if g is None:
+                continue
+            m.mul_(b1).add_(g, alpha=1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            denom = torch.div(v, c2, out=g).sqrt_().add_(self.eps)
+            p.addcdiv_(m, denom, value=-self.lr / c1)
             p.grad = None
 
     def keep(self, rows: torch.Tensor) -> None:

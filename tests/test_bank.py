@@ -129,3 +129,12 @@ def test_bank_adam_steps_like_torch_adam_through_keep():
         for p, q in zip(bank.params, ref, strict=True):
             torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-7)
     assert opt.step_count == 5
+
+
+def test_a_step_without_gradients_still_counts():
+    """A rank whose blocks all froze steps with the others: its count (bias correction)
+    must stay the world's."""
+    bank = MLPBank.create(BankShape(2, 4, 1, 1, 30.0), 3)
+    opt = BankAdam(bank, lr=1e-3)
+    opt.step()  # no gradients
+    assert opt.step_count == 1
