@@ -187,20 +187,32 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def backend_for(device: torch.device) -> str:
+    """The process group's backend: ``MINER3D_DIST_BACKEND`` (``gloo`` or ``nccl``) if set,
+    else NCCL for CUDA devices and gloo otherwise. gloo with CUDA devices runs several ranks
+    on one GPU (NCCL refuses two ranks on one device): their tensors stay on the GPU and
+    only the collectives' buffers pass through the CPU."""
+    chosen = os.environ.get("MINER3D_DIST_BACKEND", "").strip().lower()
+    if chosen and chosen not in ("gloo", "nccl"):
+        raise MinerError(f"MINER3D_DIST_BACKEND must be gloo or nccl, not {chosen!r}")
+    if chosen == "nccl" and device.type != "cuda":
+        raise MinerError("MINER3D_DIST_BACKEND=nccl needs CUDA devices (--device cuda)")
+    return chosen or ("nccl" if device.type == "cuda" else "gloo")
+
+
 def join(device: torch.device) -> tuple[Team, torch.device]:
     """The team of this process and the device it computes on: ``Team()`` unless torchrun
-    started several ranks, else a process group (NCCL for CUDA devices, gloo otherwise; an
-    existing group is reused). A CUDA rank uses GPU ``LOCAL_RANK`` modulo the GPUs it
-    sees."""
+    started several ranks, else a process group (:func:`backend_for`; an existing group is
+    reused). A CUDA rank uses GPU ``LOCAL_RANK`` modulo the GPUs it sees."""
     if not launched():
         return Team(device=device), device
     dist = torch.distributed
+    backend = backend_for(device)  # before anything starts: a wrong value is one line
     if device.type == "cuda":
         index = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
         device = torch.device("cuda", index)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
         timeout = datetime.timedelta(seconds=TIMEOUT_SECONDS)
         dist.init_process_group(backend, timeout=timeout)
     comm = device if dist.get_backend() == "nccl" else torch.device("cpu")

@@ -19,7 +19,8 @@ import miner3d
 from miner3d.bank import BankShape, MLPBank, block_uniform
 from miner3d.blocks import BlockLayout
 from miner3d.checkpoint import load_checkpoint
-from miner3d.distributed import Team, lost_rank, split_even
+from miner3d.distributed import Team, backend_for, lost_rank, split_even
+from miner3d.errors import MinerError
 from miner3d.grid import OccupancyGrid
 from miner3d.model import MinerModel
 from miner3d.reshard import reshard
@@ -454,3 +455,18 @@ def test_a_checkpoint_of_a_new_world_size_removes_the_old_ones_files(tmp_path):
         (tmp_path / name).write_text("x")
     save_checkpoint_of(tmp_path, checkpoint(), Team())  # one process now
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.safetensors"]
+
+
+def test_the_backend_follows_the_device_unless_named(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # no GPU needed to name one
+    monkeypatch.delenv("MINER3D_DIST_BACKEND", raising=False)
+    assert (backend_for(cpu), backend_for(cuda)) == ("gloo", "nccl")
+    monkeypatch.setenv("MINER3D_DIST_BACKEND", "Gloo")  # several ranks on one GPU
+    assert (backend_for(cpu), backend_for(cuda)) == ("gloo", "gloo")
+    monkeypatch.setenv("MINER3D_DIST_BACKEND", "nccl")
+    assert backend_for(cuda) == "nccl"
+    with pytest.raises(MinerError, match="needs CUDA"):
+        backend_for(cpu)
+    monkeypatch.setenv("MINER3D_DIST_BACKEND", "mpi")
+    with pytest.raises(MinerError, match="gloo or nccl"):
+        backend_for(cpu)

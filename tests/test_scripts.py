@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -180,3 +181,32 @@ def test_bench_compile_times_the_banks_own_forward():
     expected = (bank.forward(coords) - target).square().mean(dim=(1, 2)).sum()
     got = module.loss_of(coords, target, shape, *bank.params)
     assert torch.allclose(got, expected)
+
+
+def test_gpu_checks_script_runs_its_checks_on_a_cpu(tmp_path):
+    """The script a session lent a GPU runs first: here on the CPU, small, every check must
+    pass (the one-rank and two-rank fits equal the single process's parameters)."""
+    env = {
+        **os.environ,
+        "DEVICE": "cpu",
+        "QUICK": "1",
+        "PYTHON": sys.executable,
+        "OUT": str(tmp_path / "out"),
+    }
+    if sys.platform.startswith("linux"):
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # its torchrun ranks: loopback only
+    done = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "gpu_checks.sh")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    summary = (tmp_path / "out" / "summary.txt").read_text().splitlines()
+    names = ["test_gpu", "bench_bank", "bench_gpu", "one_process", "torchrun_1"]
+    names += ["torchrun_2_gloo", "compare"]
+    assert summary[1:] == [f"{name}: ok" for name in names]
+    compare = (tmp_path / "out" / "compare.txt").read_text()
+    assert "r1: world_size 1" in compare and "r2gloo: world_size 2" in compare
