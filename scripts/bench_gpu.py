@@ -90,6 +90,7 @@ def main() -> None:
         "seconds_to_iou": s["seconds_to_iou"],
         "params": s["params"],
         "scale_seconds": s["scale_seconds"],
+        "seconds": {k: s[f"seconds_{k}"] for k in ("setup", "fitting", "measuring")},
         "mlp_blocks": s["mlp_blocks"],
         "peak_gpu": s["peak_gpu_bytes"],
         "peak_rss": s["peak_rss_bytes"],
@@ -104,6 +105,8 @@ def main() -> None:
         f"{summary['params']:,}, fit {summary['fit_s']:.2f} s, per scale "
         f"{summary['scale_seconds']}"
     )
+    stages = ", ".join(f"{k} {v:.2f} s" for k, v in summary["seconds"].items())
+    print(f"  the fit's seconds: {stages}")
     print(
         f"  peak GPU memory {_mib(summary['peak_gpu'])}, peak RSS {_mib(summary['peak_rss'])}, "
         f"voxelize {voxelize_s:.2f} s, marching cubes {mc_s:.2f} s "
