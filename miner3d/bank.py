@@ -95,12 +95,6 @@ class MLPBank:
                 params.append(((u * 2 - 1) * bound).reshape(len(ids), *size).to(device))
         return cls(shape, params)
 
-    def leaf_rows(self, rows: slice) -> MLPBank:
-        """Rows ``rows`` as a bank of new autograd leaves that share this bank's storage (no
-        copy): a backward through them fills only their own ``.grad``, the size of the
-        rows."""
-        return MLPBank(self.shape, [p.detach()[rows].requires_grad_() for p in self.params])
-
     def __len__(self) -> int:
         return self.params[0].shape[0]
 
@@ -124,16 +118,30 @@ class MLPBank:
             params = [torch.cat([p, p.detach()]) for p in params]
         # every block's outputs are then bitwise the same in any company: sharding blocks
         # across ranks, or chunking them, changes no result
+        x = self._layers(params, coords)
+        return x[:1] if single else x
+
+    def _layers(
+        self,
+        params: list[torch.Tensor],
+        coords: torch.Tensor,
+        saved: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> torch.Tensor:
+        """The MLPs of ``params`` at ``coords`` ``(P, d)`` or ``(n, P, d)``: hidden layers
+        ``sin(w0 (x W + b))`` (``(n, P, in) @ (n, in, out) + (n, 1, out)``, ``w0`` folded into
+        the product), the last linear. ``saved`` gets every layer's input and pre-activation
+        (the last one's: the output), for :meth:`train_chunk`'s backward. Returns ``(n, P,
+        out)``."""
         x = coords.expand(params[0].shape[0], *coords.shape[-2:])
-        last = len(params) // 2 - 1
-        w0 = self.shape.w0
+        w0, last = self.shape.w0, len(params) // 2 - 1
         for layer in range(last + 1):
             w, b = params[2 * layer], params[2 * layer + 1]
-            if layer < last:  # sin(w0 (x W + b)): (n, P, in) @ (n, in, out) + (n, 1, out)
-                x = torch.sin(torch.baddbmm(b, x, w, beta=w0, alpha=w0))
-            else:
-                x = torch.baddbmm(b, x, w)
-        return x[:1] if single else x
+            scale = w0 if layer < last else 1.0
+            z = torch.baddbmm(b, x, w, beta=scale, alpha=scale)
+            if saved is not None:
+                saved.append((x, z))
+            x = torch.sin(z) if layer < last else z
+        return x
 
     def train_chunk(
         self,
@@ -156,15 +164,9 @@ class MLPBank:
         if r == 1:
             params = [torch.cat([p, p]) for p in params]
         w0, last = self.shape.w0, len(params) // 2 - 1
-        x = coords.expand(params[0].shape[0], *coords.shape[-2:])
-        inputs, pre = [x], []
-        for layer in range(last):
-            pre.append(
-                torch.baddbmm(params[2 * layer + 1], x, params[2 * layer], beta=w0, alpha=w0)
-            )
-            x = torch.sin(pre[-1])
-            inputs.append(x)
-        out = torch.baddbmm(params[-1], x, params[-2])[:r].detach().requires_grad_()
+        saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+        out = self._layers(params, coords, saved)[:r].detach().requires_grad_()
+        inputs, pre = [x for x, _ in saved], [z for _, z in saved[:-1]]
         losses = losses_of(out)
         losses.sum().backward()
         g = out.grad if r > 1 else torch.cat([out.grad, torch.zeros_like(out.grad)])
