@@ -98,6 +98,35 @@ def test_written_out_gradients_are_the_same_in_any_company():
         assert all(torch.equal(g, a[rows]) for g, a in zip(part, all_grads, strict=True))
 
 
+def _at_offset(t: torch.Tensor, k: int) -> torch.Tensor:
+    """A copy of ``t`` whose storage starts ``k`` floats into a fresh buffer."""
+    view = torch.empty(t.numel() + 16)[k : k + t.numel()].view(t.shape)
+    return view.copy_(t)
+
+
+def test_results_do_not_depend_on_memory_alignment():
+    """Two ranks see a block's parameters, coordinates, targets and gradient buffers at
+    other addresses than one process does: forward and gradients stay bitwise the same at
+    16 offsets (a BLAS kernel that peels loops by alignment would round differently)."""
+    for shape, n, points in (
+        (BankShape(3, 22, 2, 1, 30.0), 40, 128),
+        (BankShape(2, 20, 3, 3, 30.0), 60, 64),
+    ):
+        base = MLPBank.for_blocks(shape, torch.arange(n), 0, 0)
+        coords = torch.rand(points, shape.in_features, generator=torch.Generator().manual_seed(1))
+        target = torch.rand(
+            n, points, shape.out_features, generator=torch.Generator().manual_seed(2)
+        )
+        results = []
+        for k in range(16):
+            bank = MLPBank(shape, [_at_offset(p.detach(), k) for p in base.params])
+            xs, ts = _at_offset(coords * 2 - 1, (5 * k) % 16), _at_offset(target, (3 * k) % 16)
+            grads = [_at_offset(torch.zeros_like(p), (7 * k) % 16) for p in base.params]
+            bank.train_chunk(xs, slice(0, n), partial(_mse, ts, slice(0, n)), grads)
+            results.append(torch.cat([g.flatten() for g in grads] + [bank.forward(xs).flatten()]))
+        assert all(torch.equal(r, results[0]) for r in results[1:])
+
+
 def test_bank_adam_steps_like_torch_adam_through_keep():
     """Three steps, rows dropped, two more: the same parameters as ``torch.optim.Adam`` on
     the kept rows (the moments and step count carried over)."""
