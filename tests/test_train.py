@@ -4,11 +4,14 @@ import numpy as np
 import pytest
 import torch
 
+from miner3d.bank import BankShape
+from miner3d.blocks import BlockLayout
 from miner3d.config import FitConfig
 from miner3d.errors import FitInterrupted, MinerError
 from miner3d.metrics import iou
 from miner3d.model import MinerModel
 from miner3d.source import SignalSource
+from miner3d.targets import Residuals, ScaleTargets
 from miner3d.train import fit
 from miner3d.voxelizer import voxelize_file
 
@@ -249,3 +252,27 @@ def test_quality_plateau_ends_the_fit_without_a_long_tail(lucy64):
         device="cpu",
     )
     assert off.summary["stopped"] == "max_iters" and "stop_detail" not in off.summary
+
+
+def test_the_target_cache_counts_live_blocks_and_gives_way_when_they_do_not_fit():
+    """Only the live blocks count against ``cache_targets``: a scale whose blocks would not
+    all fit still caches the live ones (Lucy 1024's finest scale: 21k live of 428k), and a
+    cache too small for them is dropped midway (targets recomputed), never overrun."""
+    layout = BlockLayout((64, 64), 8, 1)
+    signal = torch.zeros(1, 64, 64)
+    signal[0, :24, :40] = torch.rand(24, 40, generator=torch.Generator().manual_seed(0))
+    source = SignalSource(signal, layout, "zero")
+    model = MinerModel(layout, BankShape(2, 8, 1, 1, 30.0), 1)
+    row = 8 * 8 * 2  # bytes of one block's float16 targets
+
+    def targets(cache_bytes: int) -> ScaleTargets:
+        config = FitConfig(n_scales=1, block=8, prune_mse=1e-6, cache_targets=cache_bytes)
+        return Residuals(model, source, config, False, batch_blocks=4).scale(0)
+
+    kept = targets(15 * row)  # 15 live blocks of 64: every block would need 64 rows
+    assert len(kept.ids) == 15 and kept.cache is not None
+    fresh = Residuals(model, source, FitConfig(n_scales=1, block=8), False, 4)
+    assert torch.equal(kept.cache, fresh.at(0, kept.ids, None, None).half())
+    for small in (14 * row, 0):
+        short = targets(small)
+        assert short.cache is None and torch.equal(short.ids, kept.ids)
