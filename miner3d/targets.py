@@ -87,8 +87,11 @@ class Residuals:
         another pass); ``keep_targets=False``: decide only, never cache. Deterministic
         given the coarser scales, so a resumed fit rebuilds it instead of storing it.
         Memory: the target cache (the live blocks' rows, float16, kept when they fit in
-        ``cache_targets`` bytes: recomputing them at every chunk took 8 of the 29 s of Lucy
-        1024's finest scale, 428k blocks of which 21k live) and one batch of blocks."""
+        ``cache_targets`` bytes) and one batch of blocks. When every block's rows would not
+        fit but the live blocks' do, the live blocks are streamed a second time to cache
+        theirs (never more than ``cache_targets`` touched): recomputing them at every chunk
+        took 8 of the 29 s of Lucy 1024's finest scale (428k blocks, 21k live; its set-up
+        took 9.6-9.7 s with the second pass or without)."""
         c, layout, model = self.config, self.layout, self.model
         per_block = c.block**self.d
         if ids is None:
@@ -96,12 +99,11 @@ class Residuals:
         n = len(ids)
         live_ids, partial_ids, partial_masks = [], [], []
         cache = None
-        capacity = min(n, c.cache_targets // (self.channels * per_block * 2))
-        if keep_targets and (capacity or not n):
-            # the live blocks' rows, while they fit; on a CPU only the rows written are
-            # ever touched (resident)
+        row_bytes = self.channels * per_block * 2
+        if keep_targets and n * row_bytes <= c.cache_targets:
+            # room for every block; only the rows written are ever touched (resident)
             cache = torch.empty(
-                (capacity, self.channels, per_block), dtype=torch.float16, device=self.device
+                (n, self.channels, per_block), dtype=torch.float16, device=self.device
             )
         filled = 0
         pruned = MetricSums()
@@ -129,21 +131,22 @@ class Residuals:
             live_ids.append(batch[live])
             if cache is not None:
                 kept = (level if model.gaussian else residual)[live].flatten(2)
-                if filled + len(kept) > capacity:  # more live blocks than the cache holds
-                    cache = None
-                else:
-                    cache[filled : filled + len(kept)] = kept
-                    filled += len(kept)
+                cache[filled : filled + len(kept)] = kept
+                filled += len(kept)
             if not decided:  # a pruned block's value is the coarser scales' sum
                 dead = ~live
                 dead_mask = None if mask is None else mask[dead]
                 pruned = pruned.add(block_sums(base[dead], level[dead], dead_mask, self.iou))
         if cache is not None:
             cache = cache[:filled]  # the unfilled rows were never touched
+        live_ids = torch.cat(live_ids) if live_ids else ids[:0]
+        if keep_targets and cache is None and 0 < len(live_ids) * row_bytes <= c.cache_targets:
+            # the live blocks fit where the whole scale did not: stream them again to cache
+            cache = self.scale(j, live_ids, decided=True).cache
         no_ids = torch.zeros(0, dtype=torch.long, device=self.device)
         no_masks = torch.zeros((0, per_block), dtype=torch.bool, device=self.device)
         return ScaleTargets(
-            torch.cat(live_ids) if live_ids else no_ids,
+            live_ids,
             cache,
             pruned,
             torch.cat(partial_ids) if partial_ids else no_ids,

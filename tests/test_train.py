@@ -257,7 +257,7 @@ def test_quality_plateau_ends_the_fit_without_a_long_tail(lucy64):
 def test_the_target_cache_counts_live_blocks_and_gives_way_when_they_do_not_fit():
     """Only the live blocks count against ``cache_targets``: a scale whose blocks would not
     all fit still caches the live ones (Lucy 1024's finest scale: 21k live of 428k), and a
-    cache too small for them is dropped midway (targets recomputed), never overrun."""
+    cache too small for them is not kept (targets recomputed), never overrun."""
     layout = BlockLayout((64, 64), 8, 1)
     signal = torch.zeros(1, 64, 64)
     signal[0, :24, :40] = torch.rand(24, 40, generator=torch.Generator().manual_seed(0))
