@@ -181,6 +181,32 @@ class SignalSource:
             out[start : start + m] = values.movedim(0, 1)
         return out
 
+    def nonzero_blocks(self, j: int) -> torch.Tensor:
+        """``grid(j)`` bool: the blocks of scale ``j`` with a raw sample other than zero (the
+        padding counts as zero), on the CPU. Scale 0's is read once (one slab of block rows
+        at a time: memory ``(C, b, *padded[1:])`` bytes) and kept; coarser ones pool it."""
+        layout, b, d = self.layout, self.layout.block, self.layout.ndim
+        if not hasattr(self, "_nonzero"):
+            grid, padded = layout.grid(0), layout.padded
+            found = torch.zeros(grid, dtype=torch.bool)
+            slab = torch.zeros((self.channels, b, *padded[1:]), dtype=torch.bool)
+            for i in range(-(-layout.shape[0] // b)):
+                rows = self.data[:, i * b : (i + 1) * b]
+                rows = torch.from_numpy(np.asarray(rows)) if self.mapped else rows.cpu()
+                slab.zero_()
+                slab[(slice(None), slice(0, rows.shape[1]), *map(slice, rows.shape[2:]))] = (
+                    rows != 0
+                )
+                split = [self.channels, b] + [x for g in grid[1:] for x in (g, b)]
+                found[i] = slab.view(split).flatten(0, 1).any(0).any(tuple(range(1, 2 * d - 1, 2)))
+                self.release()
+            self._nonzero = found
+        found = self._nonzero
+        for _ in range(j):  # a block of scale k + 1 covers 2 x ... x 2 of scale k
+            split = [x for g in found.shape for x in (g // 2, 2)]
+            found = found.view(split).any(tuple(range(1, 2 * d, 2)))
+        return found
+
     def release(self) -> None:
         """Hand the pages of a memory map back to the kernel (they stay in the page cache; the
         next read faults them in again). No-op for in-memory data."""

@@ -96,6 +96,12 @@ class Residuals:
         per_block = c.block**self.d
         if ids is None:
             ids = torch.arange(layout.n_blocks(j), device=self.device)
+        pruned = MetricSums()
+        if not decided:  # blocks whose residual is exactly zero are counted unread
+            blank = self.blank(j, ids)
+            if blank is not None and bool(blank.any()):
+                pruned.count = self.real_samples(j, ids[blank]) * self.channels
+                ids = ids[~blank]
         n = len(ids)
         live_ids, partial_ids, partial_masks = [], [], []
         cache = None
@@ -106,7 +112,6 @@ class Residuals:
                 (n, self.channels, per_block), dtype=torch.float16, device=self.device
             )
         filled = 0
-        pruned = MetricSums()
         for start in range(0, n, self.batch_blocks):
             batch = ids[start : start + self.batch_blocks]
             level = self.source.level_blocks(j, layout.unravel(j, batch))
@@ -152,6 +157,45 @@ class Residuals:
             torch.cat(partial_ids) if partial_ids else no_ids,
             torch.cat(partial_masks) if partial_masks else no_masks,
         )
+
+    def blank(self, j: int, ids: torch.Tensor) -> torch.Tensor | None:
+        """``(n,)`` bool: which blocks ``ids`` of scale ``j`` have a residual of exactly zero
+        at every sample, known without reading them: the signal is zero over the block
+        (zero padding, zero offset) and no coarser block that linear interpolation could
+        read at its samples (its cover at each coarser scale and that block's neighbours)
+        has an MLP, so the coarser scales' sum there is exactly zero too. ``None`` where
+        that cannot be known (edge padding, an offset, the Gaussian pyramid). Most of a
+        mesh's bounding box is such blocks. Memory: one bool per block of each scale."""
+        source, layout, model = self.source, self.layout, self.model
+        if source.pad != "zero" or source.value_offset != 0.0 or model.gaussian:
+            return None
+        coords = layout.unravel(j, ids).cpu()
+        blank = ~source.nonzero_blocks(j)[tuple(coords.T)]
+        for k in range(j + 1, layout.n_scales):
+            scale = model.scales[k]
+            if scale is None or not len(scale.block_ids):
+                continue
+            has = torch.zeros(layout.grid(k), dtype=torch.bool)
+            has[tuple(layout.unravel(k, scale.block_ids.cpu()).T)] = True
+            for axis in range(self.d):  # dilate by one block along each axis
+                near = has.clone()
+                near.narrow(axis, 1, has.shape[axis] - 1).logical_or_(
+                    has.narrow(axis, 0, has.shape[axis] - 1)
+                )
+                near.narrow(axis, 0, has.shape[axis] - 1).logical_or_(
+                    has.narrow(axis, 1, has.shape[axis] - 1)
+                )
+                has = near
+            blank &= ~has[tuple((coords >> (k - j)).T)]
+        return blank.to(ids.device)
+
+    def real_samples(self, j: int, ids: torch.Tensor) -> int:
+        """Samples of blocks ``ids`` of scale ``j`` inside the unpadded signal."""
+        b, valid = self.config.block, self.layout.valid_shape(j)
+        count = torch.ones(len(ids), dtype=torch.long)
+        for axis, coord in enumerate(self.layout.unravel(j, ids.cpu()).T):
+            count *= (valid[axis] - coord * b).clamp(0, b)
+        return int(count.sum())
 
     def local(self, flat: torch.Tensor) -> torch.Tensor:
         """Flat sample indices inside a block ``(P,)`` -> integer positions ``(P, d)``."""

@@ -276,3 +276,45 @@ def test_the_target_cache_counts_live_blocks_and_gives_way_when_they_do_not_fit(
     for small in (14 * row, 0):
         short = targets(small)
         assert short.cache is None and torch.equal(short.ids, kept.ids)
+
+
+def test_blank_blocks_are_counted_unread_and_change_nothing(monkeypatch):
+    """Blocks where the signal is zero and no coarser MLP can reach are counted without
+    being read (most of a mesh's bounding box); the fit is bitwise the one that reads them,
+    with the same quality figures, and the padding's samples are not counted."""
+    x, y, z = np.meshgrid(*(np.arange(n) for n in (70, 64, 60)), indexing="ij")
+    ball = ((x - 12) ** 2 + (y - 14) ** 2 + (z - 10) ** 2 < 81).astype(np.uint8)  # padded to 80
+    config = FitConfig(n_scales=3, block=4, max_iters=40, prune_mse=1e-3, points_per_block=32)
+    counted = []
+    blank = Residuals.blank
+
+    def counting(self, j, ids):
+        out = blank(self, j, ids)
+        counted.append((j, len(ids), int(out.sum())))
+        return out
+
+    monkeypatch.setattr(Residuals, "blank", counting)
+    skipped = fit(ball[None], config, device="cpu")
+    monkeypatch.setattr(Residuals, "blank", lambda self, j, ids: None)
+    read = fit(ball[None], config, device="cpu")
+    assert all(n_blank > n / 2 for _, n, n_blank in counted) and len(counted) == 3
+    for j in range(3):
+        mine, theirs = skipped.model.scales[j], read.model.scales[j]
+        assert torch.equal(mine.block_ids, theirs.block_ids)
+        assert all(
+            torch.equal(p, q) for p, q in zip(mine.bank.params, theirs.bank.params, strict=True)
+        )
+    for key in ("iou", "iou_04", "scales"):  # IoUs: ratios of counts, exact
+        assert skipped.summary[key] == read.summary[key], key
+    # each scale's pruned blocks' sums, the padding's samples left out: the same either way
+    source = SignalSource(ball[None], read.model.layout, "zero")
+    residuals = Residuals(read.model, source, config, True, 64)
+    for j in range(3):
+        monkeypatch.setattr(Residuals, "blank", blank)
+        mine = residuals.scale(j)
+        monkeypatch.setattr(Residuals, "blank", lambda self, j, ids: None)
+        theirs = residuals.scale(j)
+        assert torch.equal(mine.ids, theirs.ids) and torch.equal(mine.cache, theirs.cache)
+        a, b = mine.pruned_sums, theirs.pruned_sums
+        assert (a.count, a.inter, a.union) == (b.count, b.inter, b.union) and a.count > 0
+        assert a.sse == pytest.approx(b.sse, rel=1e-12)
