@@ -32,7 +32,7 @@ import numpy as np
 from .bank import BankShape
 from .blocks import BlockLayout
 from .config import FitConfig
-from .memory import release_pages
+from .source import block_extremes
 
 TORCH_OVERHEAD = 96 << 20
 """Allocator and kernel workspace a fit adds beyond its tensors (measured)."""
@@ -42,22 +42,10 @@ def predicted_live_blocks(data: Any, binary: bool, layout: BlockLayout) -> list[
     """Blocks per scale predicted to keep an MLP (see the module doc), from ``data``
     ``(C, *S)``. Memory: one layer of blocks of the signal at a time, plus 2 bytes per block."""
     b, d = layout.block, layout.ndim
-    grid0 = layout.grid(0)
     if not binary:
         return [math.prod(-(-n // (b << j)) for n in layout.shape) for j in range(layout.n_scales)]
-    lo = np.ones(grid0, dtype=bool)  # a block is all inside (False: some voxel is outside)
-    hi = np.zeros(grid0, dtype=bool)  # some voxel of the block is inside
-    real = [-(-n // b) for n in layout.shape]
-    for i in range(real[0]):
-        slab = np.asarray(data[0, i * b : (i + 1) * b]).astype(bool, copy=False)
-        padded = np.zeros((b, *(g * b for g in grid0[1:])), dtype=bool)
-        padded[(slice(0, slab.shape[0]), *(slice(0, n) for n in slab.shape[1:]))] = slab
-        blocks = padded.reshape(b, *[x for g in grid0[1:] for x in (g, b)])
-        axes = (0, *range(2, 2 * d - 1, 2))
-        hi[i] = blocks.any(axis=axes)
-        lo[i] = blocks.all(axis=axes)
-        release_pages(data)  # a memory map is read slab by slab, never held
-    lo[real[0] :] = False
+    some, every = block_extremes(data[:1], layout)  # occupancy: one channel
+    hi, lo = some.numpy(), every.numpy()  # some voxel of the block inside; all of them
     counts = []
     for _ in range(layout.n_scales):
         counts.append(int(np.count_nonzero(hi & ~lo)))

@@ -19,6 +19,8 @@ of any coarser level exists; the box-filtered level ``G_j`` of a block is the me
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -65,6 +67,7 @@ class SignalSource:
         self.budget = budget
         self.channels = int(data.shape[0])
         self.mapped = isinstance(data, np.memmap)
+        self._nonzero: torch.Tensor | None = None  # nonzero_blocks(0), once read
         if self.mapped:
             self.data = data
         else:
@@ -183,25 +186,11 @@ class SignalSource:
 
     def nonzero_blocks(self, j: int) -> torch.Tensor:
         """``grid(j)`` bool: the blocks of scale ``j`` with a raw sample other than zero (the
-        padding counts as zero), on the CPU. Scale 0's is read once (one slab of block rows
-        at a time: memory ``(C, b, *padded[1:])`` bytes) and kept; coarser ones pool it."""
-        layout, b, d = self.layout, self.layout.block, self.layout.ndim
-        if not hasattr(self, "_nonzero"):
-            grid, padded = layout.grid(0), layout.padded
-            found = torch.zeros(grid, dtype=torch.bool)
-            slab = torch.zeros((self.channels, b, *padded[1:]), dtype=torch.bool)
-            for i in range(-(-layout.shape[0] // b)):
-                rows = self.data[:, i * b : (i + 1) * b]
-                rows = torch.from_numpy(np.asarray(rows)) if self.mapped else rows.cpu()
-                slab.zero_()
-                slab[(slice(None), slice(0, rows.shape[1]), *map(slice, rows.shape[2:]))] = (
-                    rows != 0
-                )
-                split = [self.channels, b] + [x for g in grid[1:] for x in (g, b)]
-                found[i] = slab.view(split).flatten(0, 1).any(0).any(tuple(range(1, 2 * d - 1, 2)))
-                self.release()
-            self._nonzero = found
-        found = self._nonzero
+        padding counts as zero), on the CPU. Scale 0's is read once (:func:`block_extremes`)
+        and kept; coarser ones pool it."""
+        if self._nonzero is None:
+            self._nonzero = block_extremes(self.data, self.layout)[0]
+        found, d = self._nonzero, self.layout.ndim
         for _ in range(j):  # a block of scale k + 1 covers 2 x ... x 2 of scale k
             split = [x for g in found.shape for x in (g // 2, 2)]
             found = found.view(split).any(tuple(range(1, 2 * d, 2)))
@@ -212,3 +201,27 @@ class SignalSource:
         next read faults them in again). No-op for in-memory data."""
         if self.mapped:
             release_pages(self.data)
+
+
+def block_extremes(data: Any, layout: BlockLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each block of scale 0 (two ``grid(0)`` bool tensors, on the CPU): whether some raw
+    sample of ``data`` ``(C, *shape)`` is nonzero, and whether every one is (the padding
+    counts as zero). Read one slab of block rows at a time, a memory map's pages handed back
+    after each: memory ``C * b * prod(padded[1:])`` bytes."""
+    b, d = layout.block, layout.ndim
+    grid, padded, channels = layout.grid(0), layout.padded, int(data.shape[0])
+    some = torch.zeros(grid, dtype=torch.bool)
+    every = torch.zeros(grid, dtype=torch.bool)  # rows past the signal stay False
+    slab = torch.zeros((channels, b, *padded[1:]), dtype=torch.bool)
+    split = [channels, b] + [x for g in grid[1:] for x in (g, b)]
+    axes = (0, 1, *range(3, 2 * d, 2))
+    for i in range(-(-layout.shape[0] // b)):
+        rows = data[:, i * b : (i + 1) * b]
+        found = (
+            rows.cpu() != 0 if torch.is_tensor(rows) else torch.from_numpy(np.asarray(rows) != 0)
+        )
+        slab.zero_()
+        slab[(slice(None), slice(0, found.shape[1]), *map(slice, found.shape[2:]))] = found
+        some[i], every[i] = slab.view(split).any(axes), slab.view(split).all(axes)
+        release_pages(data)  # a memory map is read slab by slab, never held
+    return some, every
