@@ -127,6 +127,14 @@ class BlockLayout:
             rows[k] = self.halo_rows(k - 1, rows[k - 1], k)
         return rows
 
+    def real_samples(self, j: int, ids: torch.Tensor) -> int:
+        """How many samples of blocks ``ids`` of scale ``j`` lie inside the unpadded signal
+        (what :meth:`valid_mask` would count, without building it)."""
+        valid, count = self.valid_shape(j), torch.ones(len(ids), dtype=torch.long)
+        for axis, coord in enumerate(self.unravel(j, ids.cpu()).T):
+            count *= (valid[axis] - coord * self.block).clamp(0, self.block)
+        return int(count.sum())
+
     def valid_mask(self, j: int, ids: torch.Tensor) -> torch.Tensor | None:
         """``(n, b, ..., b)`` bool mask of the samples inside the unpadded signal, or ``None``
         when the grid needs no padding at this scale."""

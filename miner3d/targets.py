@@ -102,7 +102,7 @@ class Residuals:
         if not decided:  # blocks whose residual is exactly zero are counted unread
             blank = self.blank(j, ids)
             if blank is not None and bool(blank.any()):
-                pruned.count = self.real_samples(j, ids[blank]) * self.channels
+                pruned.count = layout.real_samples(j, ids[blank]) * self.channels
                 ids = ids[~blank]
         n = len(ids)
         live_ids, partial_ids, partial_masks = [], [], []
@@ -192,14 +192,6 @@ class Residuals:
                 has = near
             blank &= ~has[tuple((coords >> (k - j)).T)]
         return blank.to(ids.device)
-
-    def real_samples(self, j: int, ids: torch.Tensor) -> int:
-        """Samples of blocks ``ids`` of scale ``j`` inside the unpadded signal."""
-        b, valid = self.config.block, self.layout.valid_shape(j)
-        count = torch.ones(len(ids), dtype=torch.long)
-        for axis, coord in enumerate(self.layout.unravel(j, ids.cpu()).T):
-            count *= (valid[axis] - coord * b).clamp(0, b)
-        return int(count.sum())
 
     def local(self, flat: torch.Tensor) -> torch.Tensor:
         """Flat sample indices inside a block ``(P,)`` -> integer positions ``(P, d)``."""
