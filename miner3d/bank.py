@@ -134,18 +134,19 @@ class MLPBank:
         weights, not the activations, and the bias is added in place after the product
         (``baddbmm`` first copies the broadcast bias into its output). 1.05-1.1x a training
         step on a CPU against rows of features and ``baddbmm`` (``scripts/bench_bank.py``).
-        ``saved`` gets every layer's input and pre-activation (the last one's: the output),
-        ``(n, features, P)``, for :meth:`train_chunk`'s backward. Returns ``(n, out, P)``."""
+        ``saved`` gets every layer's input ``(n, in, P)``, its weights as multiplied (by
+        ``w0`` for a hidden layer) ``(n, in, out)`` and its pre-activation ``(n, out, P)``
+        (the last one's: the output), for :meth:`train_chunk`'s backward. Returns ``(n, out,
+        P)``."""
         x = coords.transpose(-1, -2).expand(params[0].shape[0], *coords.shape[:-3:-1])
         w0, last = self.shape.w0, len(params) // 2 - 1
         for layer in range(last + 1):
             w, b = params[2 * layer], params[2 * layer + 1].transpose(1, 2)
             scale = w0 if layer < last else 1.0
-            if layer < last:
-                w = w * w0  # (n, in, out)
+            w = w * scale if layer < last else w
             z = torch.bmm(w.transpose(1, 2), x).add_(b, alpha=scale)
             if saved is not None:
-                saved.append((x, z))
+                saved.append((x, w, z))
             x = torch.sin(z) if layer < last else z
         return x
 
@@ -170,23 +171,21 @@ class MLPBank:
         if r == 1:
             params = [torch.cat([p, p]) for p in params]
         w0, last = self.shape.w0, len(params) // 2 - 1
-        saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+        saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         out = self._layers(params, coords, saved)[:r].detach().requires_grad_()
-        inputs, pre = [x for x, _ in saved], [z for _, z in saved[:-1]]
         losses = losses_of(out.transpose(1, 2))
         losses.sum().backward()
         g = out.grad if r > 1 else torch.cat([out.grad, torch.zeros_like(out.grad)])
         for layer in range(last, -1, -1):  # g: the loss's gradient by layer's output, pre-sine
-            gw = torch.bmm(inputs[layer], g.transpose(1, 2))  # (r, in, out), as stored
+            x, w, _ = saved[layer]  # w: times w0 for a hidden layer, as the forward used it
+            gw = torch.bmm(x, g.transpose(1, 2))  # (r, in, out), as stored
             gb = g.sum(dim=2, keepdim=True).transpose(1, 2)
-            w = params[2 * layer]
             if layer < last:  # d sin(w0 (x W + b)): w0 cos(...) (the cosine taken below)
                 gw.mul_(w0)
                 gb.mul_(w0)
-                w = w * w0
             grads[2 * layer][rows], grads[2 * layer + 1][rows] = gw[:r], gb[:r]
             if layer:
-                g = torch.cos_(pre[layer - 1]).mul_(torch.bmm(w, g))
+                g = torch.cos_(saved[layer - 1][2]).mul_(torch.bmm(w, g))
         return losses.detach()
 
     @torch.no_grad()
