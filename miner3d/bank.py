@@ -175,7 +175,11 @@ class MLPBank:
         out = self._layers(params, coords, saved)[:r].detach().requires_grad_()
         losses = losses_of(out.transpose(1, 2))
         losses.sum().backward()
-        g = out.grad if r > 1 else torch.cat([out.grad, torch.zeros_like(out.grad)])
+        # a fresh (rows, out, P) buffer for the gradient, whatever strides autograd gave its
+        # size-1 axes: the CPU's bmm picks its kernel by the strides, size-1 axes included,
+        # and on some CPUs (AMD Zen 5 with MKL) two kernels round differently
+        g = out.new_zeros((params[0].shape[0], *out.shape[1:]))
+        g[:r] = out.grad
         for layer in range(last, -1, -1):  # g: the loss's gradient by layer's output, pre-sine
             x, w, _ = saved[layer]  # w: times w0 for a hidden layer, as the forward used it
             gw = torch.bmm(x, g.transpose(1, 2))  # (r, in, out), as stored
