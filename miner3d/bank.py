@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .errors import MinerError
+from .fused import adam_step, sin_cos
 
 
 @dataclass(frozen=True)
@@ -134,21 +135,27 @@ class MLPBank:
         weights, not the activations, and the bias is added in place after the product
         (``baddbmm`` first copies the broadcast bias into its output). 1.05-1.1x a training
         step on a CPU against rows of features and ``baddbmm`` (``scripts/bench_bank.py``).
-        ``saved`` gets every layer's input ``(n, in, P)``, its weights as multiplied (by
-        ``w0`` for a hidden layer) ``(n, in, out)`` and its pre-activation ``(n, out, P)``
-        (the last one's: the output), for :meth:`train_chunk`'s backward. Returns ``(n, out,
-        P)``."""
+        The sine and its derivative come from :func:`miner3d.sine.sin_cos` (one numba pass
+        on a CPU). ``saved`` gets every layer's input ``(n, in, P)``, its weights ``(n, in,
+        out)`` and, for a hidden layer, the sine's derivative by its unscaled pre-activation
+        ``w0 cos(w0 (x W + b))`` ``(n, out, P)`` (for the last one: the output), for
+        :meth:`train_chunk`'s backward. Returns ``(n, out, P)``."""
         x = coords.transpose(-1, -2).expand(params[0].shape[0], *coords.shape[:-3:-1])
         w0, last = self.shape.w0, len(params) // 2 - 1
         for layer in range(last + 1):
             w, b = params[2 * layer], params[2 * layer + 1].transpose(1, 2)
-            scale = w0 if layer < last else 1.0
-            w = w * scale if layer < last else w
-            z = torch.bmm(w.transpose(1, 2), x).add_(b, alpha=scale)
+            if layer == last:
+                z = torch.bmm(w.transpose(1, 2), x).add_(b)
+                if saved is not None:
+                    saved.append((x, w, z))
+                return z
+            z = torch.empty(b.shape[0], b.shape[1], x.shape[2], device=x.device)  # ignored:
+            z = torch.baddbmm(z, w.transpose(1, 2), x, beta=0, alpha=w0)  # w0 (x W)
+            s, c = sin_cos(z, params[2 * layer + 1], w0, saved is not None)
             if saved is not None:
-                saved.append((x, w, z))
-            x = torch.sin(z) if layer < last else z
-        return x
+                saved.append((x, w, c))
+            x = s
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def train_chunk(
         self,
@@ -170,7 +177,7 @@ class MLPBank:
         r = params[0].shape[0]
         if r == 1:
             params = [torch.cat([p, p]) for p in params]
-        w0, last = self.shape.w0, len(params) // 2 - 1
+        last = len(params) // 2 - 1
         saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         out = self._layers(params, coords, saved)[:r].detach().requires_grad_()
         losses = losses_of(out.transpose(1, 2))
@@ -180,16 +187,17 @@ class MLPBank:
         # and on some CPUs (AMD Zen 5 with MKL) two kernels round differently
         g = out.new_zeros((params[0].shape[0], *out.shape[1:]))
         g[:r] = out.grad
-        for layer in range(last, -1, -1):  # g: the loss's gradient by layer's output, pre-sine
-            x, w, _ = saved[layer]  # w: times w0 for a hidden layer, as the forward used it
-            gw = torch.bmm(x, g.transpose(1, 2))  # (r, in, out), as stored
-            gb = g.sum(dim=2, keepdim=True).transpose(1, 2)
-            if layer < last:  # d sin(w0 (x W + b)): w0 cos(...) (the cosine taken below)
-                gw.mul_(w0)
-                gb.mul_(w0)
-            grads[2 * layer][rows], grads[2 * layer + 1][rows] = gw[:r], gb[:r]
-            if layer:
-                g = torch.cos_(saved[layer - 1][2]).mul_(torch.bmm(w, g))
+        for layer in range(last, -1, -1):  # g: the loss's gradient by the layer's x W + b
+            x, w, _ = saved[layer]
+            gw, gb = grads[2 * layer][rows], grads[2 * layer + 1][rows]  # (r, in, out), (r, 1, out)
+            if len(g) == r:  # straight into the buffers' rows
+                torch.bmm(x, g.transpose(1, 2), out=gw)
+                torch.sum(g, dim=2, out=gb.view(r, -1))
+            else:  # a lone row, run as two
+                gw.copy_(torch.bmm(x, g.transpose(1, 2))[:r])
+                gb.copy_(g.sum(dim=2, keepdim=True).transpose(1, 2)[:r])
+            if layer:  # through the sine: its derivative w0 cos(...), consumed
+                g = saved[layer - 1][2].mul_(torch.bmm(w, g))
         return losses.detach()
 
     @torch.no_grad()
@@ -301,22 +309,18 @@ class BankAdam:
     @torch.no_grad()
     def step(self) -> None:
         """One Adam step from the parameters' ``.grad`` (then cleared; a gradient tensor
-        serves as scratch for the denominator: nothing is allocated). Not torch's fused
-        Adam, though 3x faster at this step on a CPU: it rounds an element by where it falls
-        in the tensor (vector body or scalar tail), so a block's update would depend on its
-        company, and two ranks would no longer fit exactly as one process."""
+        may serve as scratch: nothing is allocated), one pass per tensor on a CPU
+        (:func:`miner3d.fused.adam_step`). Not torch's fused Adam: it rounds an element by
+        where it falls in the tensor (vector body or scalar tail), so a block's update would
+        depend on its company, and two ranks would no longer fit exactly as one process."""
         self.step_count += 1
         b1, b2 = self.betas
         c1 = 1 - b1**self.step_count
         c2 = 1 - b2**self.step_count
         for p, m, v in zip(self.bank.params, self.exp_avg, self.exp_avg_sq, strict=True):
-            g = p.grad
-            if g is None:
+            if p.grad is None:
                 continue
-            m.mul_(b1).add_(g, alpha=1 - b1)
-            v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            denom = torch.div(v, c2, out=g).sqrt_().add_(self.eps)
-            p.addcdiv_(m, denom, value=-self.lr / c1)
+            adam_step(p, p.grad, m, v, self.betas, self.lr / c1, c2, self.eps)
             p.grad = None
 
     def keep(self, rows: torch.Tensor) -> None:

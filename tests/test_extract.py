@@ -90,6 +90,7 @@ for p in bank.params:
 coords = layout.unravel(3, ids)
 bank.params[-1][((coords >= 1) & (coords <= 2)).all(dim=1)] = 1.0  # a box in the middle
 model.set_scale(3, ids, bank)
+bank.forward(torch.zeros(1, 3))  # numba's kernels load once per process (not extraction's)
 base = hwm()
 vertices, faces = marching_cubes(model, 0)
 print(len(faces), hwm() - base, mesh_bytes(model, 0))

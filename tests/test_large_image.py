@@ -13,8 +13,9 @@ import tifffile
 
 from miner3d.kinds import IMAGE, read_signal
 
-# the child: open the TIFF, warm torch up on a tiny fit, then fit the big image for a few
-# iterations per scale and report the peak RSS above the RSS just before the fit
+# the child: open the TIFF, warm torch and the numba kernels up on a tiny fit, then fit the
+# big image for a few iterations per scale and report the peak RSS above the RSS just before
+# the fit
 CHILD = r"""
 import json, sys
 from pathlib import Path
@@ -33,7 +34,7 @@ assert mapped and isinstance(data, np.memmap), type(data)
 cfg = dict(n_scales=3, block=32, hidden=8, hidden_layers=1, max_iters=3, points_per_block=64,
            batch_samples=1 << 17, metric_every=3, prune_mse=1e-4, freeze_mse=0.0,
            plateau_tol=0.0, lr=1e-2)
-tiny = np.zeros((3, 64, 64), np.uint8)
+tiny = np.random.default_rng(0).integers(0, 256, (3, 64, 64), dtype=np.uint8)  # trains
 fit(tiny, FitConfig(**{**cfg, "block": 8}), kind="image", value_scale=1 / 255)
 try:  # reset the high-water mark to now (Linux >= 4.0); if refused, the bound is stricter
     with open("/proc/self/clear_refs", "w") as fh:

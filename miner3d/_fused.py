@@ -1,0 +1,89 @@
+"""numba kernels of the bank's training step on a CPU (compiled on first use, cached on
+disk): the hidden layers' sine with its derivative, and the Adam update, each one pass.
+
+Elementwise, with no reassociation (no ``fastmath``): the vector body and the scalar tail
+round alike, so an element's result never depends on where it lies, on its company or on
+how the threads split the work; two ranks fit exactly as one process.
+
+The sine: ``x = q pi/2 + r`` with ``|r| <= pi/4`` (Cody and Waite's reduction, pi/2 in
+three float32 parts), then Taylor polynomials of degree 9 and 10 in ``r``, swapped and
+signed by ``q mod 4``: within 1.2e-7 of the exact value for ``|x| <= 1e4``
+(``tests/test_fused.py``; ``torch.sin``: 4e-8). Past it the error grows with ``|x|`` (2.5e-7
+at 2e4; a SIREN pre-activation that large means a diverged fit), the results are clamped
+to ``[-1, 1]``, and a NaN or an infinity gives NaN.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+
+_f = np.float32
+_TWO_OVER_PI = _f(2 / math.pi)
+_P1 = _f(1.5703125)
+_P2 = _f(4.837512969970703125e-4)
+_P3 = _f(math.pi / 2 - 1.5703125 - 4.837512969970703125e-4)
+_S1, _S2, _S3, _S4 = (_f((-1) ** k / math.factorial(2 * k + 1)) for k in range(1, 5))
+_C1, _C2, _C3, _C4, _C5 = (_f((-1) ** k / math.factorial(2 * k)) for k in range(1, 6))
+_HALF, _QUARTER, _ONE, _TWO, _THREE, _FOUR = _f(0.5), _f(0.25), _f(1), _f(2), _f(3), _f(4)
+
+
+@numba.njit(cache=True, inline="always")
+def _sincos(x):  # pragma: no cover - numba
+    """``(sin x, cos x)`` of a float32 (the module's docstring says how)."""
+    q = np.floor(x * _TWO_OVER_PI + _HALF)
+    r = ((x - q * _P1) - q * _P2) - q * _P3
+    r2 = r * r
+    s = r + r * r2 * (_S1 + r2 * (_S2 + r2 * (_S3 + r2 * _S4)))
+    c = _ONE + r2 * (_C1 + r2 * (_C2 + r2 * (_C3 + r2 * (_C4 + r2 * _C5))))
+    m = q - _FOUR * np.floor(q * _QUARTER)  # q mod 4: 0, 1, 2, 3
+    odd = m == _ONE or m == _THREE
+    sin = c if odd else s
+    cos = s if odd else c
+    sin = -sin if m >= _TWO else sin
+    cos = -cos if m == _ONE or m == _TWO else cos
+    return min(max(sin, -_ONE), _ONE), min(max(cos, -_ONE), _ONE)
+
+
+@numba.njit(cache=True, parallel=True, nogil=True)
+def sin_cos_bias(z, bias, scale, sin, cos):  # pragma: no cover - numba
+    """``sin[i, j] = sin(z[i, j] + scale bias[i, 0, j])`` and ``cos[i, j] = scale cos(...)``
+    for ``z`` ``(r, o, P)``, ``bias`` ``(r, 1, o)`` (float32, C-contiguous)."""
+    scale = np.float32(scale)
+    for i in numba.prange(z.shape[0]):
+        for j in range(z.shape[1]):
+            b = scale * bias[i, 0, j]
+            for p in range(z.shape[2]):
+                s, c = _sincos(z[i, j, p] + b)
+                sin[i, j, p] = s
+                cos[i, j, p] = scale * c
+
+
+@numba.njit(cache=True, parallel=True, nogil=True)
+def sin_bias(z, bias, scale, sin):  # pragma: no cover - numba
+    """``sin[i, j] = sin(z[i, j] + scale bias[i, 0, j])``, as :func:`sin_cos_bias`."""
+    scale = np.float32(scale)
+    for i in numba.prange(z.shape[0]):
+        for j in range(z.shape[1]):
+            b = scale * bias[i, 0, j]
+            for p in range(z.shape[2]):
+                sin[i, j, p] = _sincos(z[i, j, p] + b)[0]
+
+
+@numba.njit(cache=True, parallel=True, nogil=True, error_model="numpy")  # no zero checks
+def adam(p, g, m, v, b1, a1, b2, a2, step_size, c2, eps):  # pragma: no cover - numba
+    """One Adam step over flat float32 arrays: ``m = b1 m + a1 g``, ``v = b2 v + a2 g^2``,
+    ``p -= step_size * m / (sqrt(v / c2) + eps)`` (``a1 = 1 - b1`` and ``a2 = 1 - b2``
+    taken in double precision, as torch takes them), each scalar rounded to float32 as
+    torch's in-place operations round them."""
+    b1, a1, b2, a2 = np.float32(b1), np.float32(a1), np.float32(b2), np.float32(a2)
+    step, c2, eps = np.float32(step_size), np.float32(c2), np.float32(eps)
+    for i in numba.prange(p.shape[0]):
+        gi = g[i]
+        mi = b1 * m[i] + a1 * gi
+        vi = b2 * v[i] + a2 * (gi * gi)
+        m[i] = mi
+        v[i] = vi
+        p[i] = p[i] - step * (mi / (np.sqrt(vi / c2) + eps))
