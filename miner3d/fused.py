@@ -2,12 +2,12 @@
 its derivative, and the Adam update.
 
 On a CPU, without autograd, each is one numba pass (:mod:`miner3d._fused`): the sine and
-cosine 6x faster than ``torch.sin`` then ``torch.cos``, Adam 2x faster than its seven
-in-place operations (``scripts/bench_bank.py``, BENCHMARKS.md). Elsewhere (CUDA, autograd
-through :meth:`miner3d.bank.MLPBank.forward`, or without numba, as on a GPU machine that
-lacks it) torch's own operations do the same arithmetic. The two agree to 1e-7 (a sine) and
-1e-6 relative (Adam); each is deterministic, and an element's result never depends on its
-company.
+its cosine 4.5-6x faster than ``torch.sin`` then ``torch.cos``, Adam 4-6x faster than its
+seven in-place operations, on an AMD EPYC with two threads (BENCHMARKS.md). Elsewhere
+(CUDA, autograd through :meth:`miner3d.bank.MLPBank.forward`, or without numba, as on a GPU
+machine that lacks it) torch's own operations do the same arithmetic. The two agree to
+1.6e-7 (a sine) and 1e-6 relative (Adam); each is deterministic, and an element's result
+never depends on its place, its company or the number of threads.
 """
 
 from __future__ import annotations
