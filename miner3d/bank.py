@@ -126,36 +126,35 @@ class MLPBank:
         self,
         params: list[torch.Tensor],
         coords: torch.Tensor,
-        saved: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
     ) -> torch.Tensor:
         """The MLPs of ``params`` at ``coords`` ``(P, d)`` or ``(n, P, d)``: hidden layers
         ``sin(w0 (x W + b))``, the last linear. Computed with samples last, ``(n, out, in) @
         (n, in, P)``: a layer's rows of ``P`` samples fill whole vector registers, where rows
-        of ``hidden`` features (22 = 16 + 6) leave them part-empty; ``w0`` scales the small
-        weights, not the activations, and the bias is added in place after the product
-        (``baddbmm`` first copies the broadcast bias into its output). 1.05-1.1x a training
-        step on a CPU against rows of features and ``baddbmm`` (``scripts/bench_bank.py``).
-        The sine and its derivative come from :func:`miner3d.sine.sin_cos` (one numba pass
-        on a CPU). ``saved`` gets every layer's input ``(n, in, P)``, its weights ``(n, in,
-        out)`` and, for a hidden layer, the sine's derivative by its unscaled pre-activation
-        ``w0 cos(w0 (x W + b))`` ``(n, out, P)`` (for the last one: the output), for
-        :meth:`train_chunk`'s backward. Returns ``(n, out, P)``."""
+        of ``hidden`` features (22 = 16 + 6) leave them part-empty (1.05-1.1x a training step
+        on a CPU against rows of features, ``scripts/bench_bank.py``). A hidden layer's
+        ``w0`` is the product's ``alpha`` (``baddbmm`` at ``beta=0`` ignores its input), its
+        bias, sine and derivative one pass (:func:`miner3d.fused.sin_cos`, a numba kernel on
+        a CPU); the last layer's bias is added in place after ``bmm``. ``saved`` gets every
+        layer's input ``(n, in, P)``, its weights ``(n, in, out)`` and, for a hidden layer,
+        the sine's derivative by its unscaled pre-activation ``w0 cos(w0 (x W + b))`` ``(n,
+        out, P)`` (for the last one: the output), for :meth:`train_chunk`'s backward. Returns
+        ``(n, out, P)``."""
         x = coords.transpose(-1, -2).expand(params[0].shape[0], *coords.shape[:-3:-1])
         w0, last = self.shape.w0, len(params) // 2 - 1
-        for layer in range(last + 1):
-            w, b = params[2 * layer], params[2 * layer + 1].transpose(1, 2)
-            if layer == last:
-                z = torch.bmm(w.transpose(1, 2), x).add_(b)
-                if saved is not None:
-                    saved.append((x, w, z))
-                return z
-            z = torch.empty(b.shape[0], b.shape[1], x.shape[2], device=x.device)  # ignored:
+        for layer in range(last):
+            w, b = params[2 * layer], params[2 * layer + 1]
+            z = torch.empty(b.shape[0], b.shape[2], x.shape[2], device=x.device)  # ignored:
             z = torch.baddbmm(z, w.transpose(1, 2), x, beta=0, alpha=w0)  # w0 (x W)
-            s, c = sin_cos(z, params[2 * layer + 1], w0, saved is not None)
+            s, c = sin_cos(z, b, w0, saved is not None)
             if saved is not None:
                 saved.append((x, w, c))
             x = s
-        raise AssertionError("unreachable")  # pragma: no cover
+        w, b = params[2 * last], params[2 * last + 1]
+        z = torch.bmm(w.transpose(1, 2), x).add_(b.transpose(1, 2))
+        if saved is not None:
+            saved.append((x, w, z))
+        return z
 
     def train_chunk(
         self,
@@ -167,9 +166,10 @@ class MLPBank:
         """Forward and backward of rows ``rows`` with SIREN's derivatives written out:
         autograd runs only through ``losses_of(out)``, which takes the rows' outputs ``(r, P,
         out_features)`` and returns their losses ``(r,)``. The gradients of the losses' sum
-        go into ``grads[i][rows]`` (one buffer ``(n, ...)`` per parameter), the sine's
-        ``w0`` folded into the products: 1.1-1.2x faster a step on a CPU than autograd
-        through :meth:`forward` (``scripts/bench_bank.py``), and fewer kernels on a GPU.
+        go into ``grads[i][rows]`` (one buffer ``(n, ...)`` per parameter) straight from the
+        products, the sine's ``w0`` folded into its saved derivative: 1.1-1.2x faster a step
+        on a CPU than autograd through :meth:`forward` before the fused passes
+        (``scripts/bench_bank.py``), and fewer kernels on a GPU.
         Like :meth:`forward`, a row's results do not depend on its company (a batch of one
         runs as two). Returns the losses ``(r,)``, detached. Memory: two activations ``(r,
         hidden, P)`` per hidden layer."""

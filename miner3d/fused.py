@@ -95,12 +95,12 @@ def adam_step(
     b2 v + (1 - b2) g^2``, ``p -= step_size m / (sqrt(v / c2) + eps)``. ``g`` may be
     overwritten (the torch path's scratch). Allocates nothing."""
     b1, b2 = betas
-    flat = [t.detach().view(-1) for t in (p, g, m, v)]
+    p, g, m, v = (t.detach() for t in (p, g, m, v))
     if uses_kernels(p) and all(t.is_contiguous() for t in (p, g, m, v)):
         _threads()
-        _kernels.adam(*(t.numpy() for t in flat), b1, 1 - b1, b2, 1 - b2, step_size, c2, eps)
+        flat = (t.view(-1).numpy() for t in (p, g, m, v))
+        _kernels.adam(*flat, b1, 1 - b1, b2, 1 - b2, step_size, c2, eps)
         return
-    p, g, m, v = (t.detach() for t in (p, g, m, v))
     m.mul_(b1).add_(g, alpha=1 - b1)
     v.mul_(b2).addcmul_(g, g, value=1 - b2)
     denom = torch.div(v, c2, out=g).sqrt_().add_(eps)
