@@ -19,7 +19,7 @@ from .bank import BankAdam, BankShape, MLPBank
 from .checkpoint import CURRENT, Checkpoint, prefixed
 from .config import FitConfig
 from .metrics import MetricSums
-from .targets import Residuals, ScaleTargets, compact
+from .targets import MeasureRows, Residuals, ScaleTargets, compact
 
 
 @dataclass
@@ -55,6 +55,10 @@ class ScaleState:
     lr: float = 0.0
     """The learning rate the scale started with (a resume may change it only from the next
     scale on)."""
+    fixed: MeasureRows | None = None
+    """The active rows' :meth:`Residuals.fixed_parts`, read at the first measurement (``None``
+    before, or when over budget: then each measurement reads them again)."""
+    fixed_read: bool = False
 
     def loss_plateau(self, it: int, loss: float, config: FitConfig) -> bool:
         """At the end of each ``plateau_window`` iterations: whether ``loss`` improved on
@@ -190,7 +194,8 @@ class ScaleState:
         for f, p in zip(self.final, self.opt.bank.params, strict=True):
             f[self.active[done]] = p.detach()[done]
         rows = torch.nonzero(done).squeeze(1)
-        frozen = residuals.live_sums(self.opt.bank, rows, self.live_ids[done], self.scale)
+        fixed = None if self.fixed is None else self.fixed.select(rows)
+        frozen = residuals.live_sums(self.opt.bank, rows, self.live_ids[done], self.scale, fixed)
         self.frozen_sums = self.frozen_sums.add(frozen)
         self.frozen_mse += float(block_mse[done].sum())
         keep = torch.nonzero(~done).squeeze(1)
@@ -199,14 +204,19 @@ class ScaleState:
         self.live_ids = self.live_ids[keep]
         if self.targets is not None:
             self.targets = compact(self.targets, keep)
+        if self.fixed is not None:
+            self.fixed = self.fixed.keep(keep)
 
     def live_metrics(self, residuals: Residuals) -> MetricSums:
         """Metric sums of the whole reconstruction of this scale as it stands (pruned,
         frozen and active blocks) against ``G_j``: at scale 0 the exact full-grid figures,
         at a coarser scale those of its level of detail on its own grid. Only the active
-        blocks are evaluated."""
+        blocks' MLPs are evaluated: the coarser scales' sum and the signal at their samples
+        are read at the first measurement and kept (:meth:`Residuals.fixed_parts`)."""
         rows = torch.arange(len(self.active), device=self.active.device)
-        live = residuals.live_sums(self.opt.bank, rows, self.live_ids, self.scale)
+        if not self.fixed_read:
+            self.fixed, self.fixed_read = residuals.fixed_parts(self.scale, self.live_ids), True
+        live = residuals.live_sums(self.opt.bank, rows, self.live_ids, self.scale, self.fixed)
         return self.pruned_sums.add(self.frozen_sums).add(live)
 
     def bank(self) -> MLPBank:

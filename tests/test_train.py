@@ -318,3 +318,61 @@ def test_blank_blocks_are_counted_unread_and_change_nothing(monkeypatch):
         a, b = mine.pruned_sums, theirs.pruned_sums
         assert (a.count, a.inter, a.union) == (b.count, b.inter, b.union) and a.count > 0
         assert a.sse == pytest.approx(b.sse, rel=1e-12)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_kept_measurement_parts_give_the_same_figures_bit_for_bit(monkeypatch, channels):
+    """A scale's measurements read the coarser scales' sum and the signal at its live blocks
+    once and keep them (compacted as blocks freeze): every figure of the history, the
+    frozen blocks' included, is the one recomputing them gives, and a budget too small for
+    them keeps nothing."""
+    gen = torch.Generator().manual_seed(3)
+    if channels == 1:  # a ball reaching into the padding (70 -> 72)
+        x, y, z = np.meshgrid(*(np.arange(n) for n in (70, 40, 36)), indexing="ij")
+        signal = ((x - 50) ** 2 + (y - 20) ** 2 + (z - 18) ** 2 < 150).astype(np.uint8)[None]
+    else:  # a smooth RGB image, 2D
+        u = torch.linspace(0, 6, 90)
+        signal = (
+            0.5 + 0.4 * torch.sin(u[:, None] * torch.rand(3, 1, 1, generator=gen) * 3 + u)
+        ).numpy()
+    config = FitConfig(
+        n_scales=3,
+        block=4,
+        max_iters=60,
+        prune_mse=1e-4,
+        metric_every=5,
+        freeze_mse=2e-4,
+        freeze_every=5,
+        tail=0,
+    )
+    read_parts = []
+    fixed_parts = Residuals.fixed_parts
+
+    def counting(self, j, ids):
+        out = fixed_parts(self, j, ids)
+        read_parts.append((j, out is not None))
+        return out
+
+    monkeypatch.setattr(Residuals, "fixed_parts", counting)
+    kind = "occupancy" if channels == 1 else "image"
+    kept = fit(signal, config, kind=kind, device="cpu")
+    monkeypatch.setattr(Residuals, "fixed_parts", lambda self, j, ids: None)
+    again = fit(signal, config, kind=kind, device="cpu")
+    assert sorted(read_parts) == [(0, True), (1, True), (2, True)]
+
+    def figures(history):  # a shared-CPU "threads" event depends on the clock: left out
+        return [
+            {k: v for k, v in r.items() if k != "time"} for r in history if r["event"] != "threads"
+        ]
+
+    assert figures(kept.history) == figures(again.history)
+    measured = [r for r in kept.history if {"iou", "level_iou", "psnr", "level_psnr"} & set(r)]
+    assert len(measured) >= 8
+    assert kept.summary["scales"] == again.summary["scales"]
+    frozen = [r for r in kept.history if r.get("live_blocks") not in (None, r.get("mlp_blocks"))]
+    assert frozen, "no block froze: the compaction went untested"
+    source = SignalSource(signal, kept.model.layout, "zero")
+    small = FitConfig(**{**config.__dict__, "cache_targets": 100})
+    ids = kept.model.scales[0].block_ids
+    residuals = Residuals(kept.model, source, small, channels == 1, 64)
+    assert fixed_parts(residuals, 0, ids) is None
