@@ -84,7 +84,9 @@ class FitConfig:
     samples (the transient memory of a pass is a few tens of bytes per sample of a batch)."""
     cache_targets: int = 256 << 20
     """Bytes under which a scale's targets are cached (float16) rather than recomputed at
-    every iteration's samples (the live blocks' targets counted)."""
+    every iteration's samples (the live blocks' targets counted), and, separately, under
+    which its measurements keep the live blocks' coarser sum and signal (float32, 8 bytes a
+    sample and channel) rather than read them again at each."""
     batch_samples: int = 0
     """Samples (blocks x points) per forward/backward chunk of an iteration; bounds the
     activation memory (about ``(3 * hidden_layers + 2) * hidden * 4`` bytes per sample) and

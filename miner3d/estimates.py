@@ -1,9 +1,11 @@
 """How much memory a fit will take, before it starts: the preflight's figures.
 
 A fit's peak is the signal held in memory, the coarse scales' float16 residual fields, the
-finest scale's float16 target cache, the MLP banks (every finished scale's parameters; the
-finest scale's parameters, gradients, Adam moments and final copy), and the activations of
-one chunk of samples. Only the banks depend on the fit itself, through how many blocks keep an
+finest scale's float16 target cache and the float32 parts its measurements keep (the
+coarser scales' sum and the signal at its live blocks, each within ``fit.cache_targets``),
+the MLP banks (every finished scale's parameters; the finest scale's parameters,
+gradients, Adam moments and final copy), and the activations of one chunk of samples. Only
+the banks depend on the fit itself, through how many blocks keep an
 MLP; that count is predicted from the signal:
 
 * occupancy: the blocks of each scale whose voxels are not all alike (the surface passes
@@ -81,6 +83,8 @@ def fit_bytes(
     mine = [-(-n // ranks) for n in live]
     cache = 2 * channels * b**d * mine[0]
     cache = cache if cache <= fit.cache_targets else 0
+    kept = (8 if layout.n_scales > 1 else 4) * channels * b**d * mine[0]  # fixed_parts
+    cache += kept if kept <= fit.cache_targets else 0
     banks = 4 * per_block * (sum(mine[1:]) + 5 * mine[0])
     if ranks > 1:  # rank 0 receives the whole model at the end, to write it
         banks += 4 * per_block * sum(live)
