@@ -84,7 +84,7 @@ def fit_bytes(
     cache = 2 * channels * b**d * mine[0]
     cache = cache if cache <= fit.cache_targets else 0
     kept = (8 if layout.n_scales > 1 else 4) * channels * b**d * mine[0]  # fixed_parts
-    cache += kept if kept <= fit.cache_targets else 0
+    kept = kept if kept <= fit.cache_targets else 0
     banks = 4 * per_block * (sum(mine[1:]) + 5 * mine[0])
     if ranks > 1:  # rank 0 receives the whole model at the end, to write it
         banks += 4 * per_block * sum(live)
@@ -97,6 +97,7 @@ def fit_bytes(
         "signal": int(signal_bytes),
         "fields": fields,
         "cache": cache,
+        "measurement": kept,
         "banks": banks,
         "activations": activations + evaluation,
         "overhead": TORCH_OVERHEAD,

@@ -197,3 +197,5 @@ def test_a_ranks_estimate_is_its_share_plus_the_halo_and_the_model_it_receives()
     assert two["banks"] - whole_model == pytest.approx(one["banks"] / 2, rel=1e-3)
     assert many["banks"] - whole_model == pytest.approx(one["banks"] / 64, rel=2e-2)
     assert (one["cache"], two["cache"]) == (2 * 8**3 * 27_000, 2 * 8**3 * 13_500)
+    # the measurements' kept parts: the coarser sum and the signal, float32, a rank's share
+    assert (one["measurement"], two["measurement"]) == (8 * 8**3 * 27_000, 8 * 8**3 * 13_500)
