@@ -294,12 +294,13 @@ class Residuals:
             at = slice(start, start + len(part))
             out = bank.evaluate(self.coords, rows=rows[at])
             values = out.transpose(1, 2).reshape((len(part), self.channels) + (b,) * d)
-            if self._adds_coarser(j):
-                base = fixed.base if fixed is not None else None
-                values += self.model.evaluate_blocks(j, part, j + 1) if base is None else base[at]
-            if fixed is not None:
+            if fixed is not None:  # fixed_parts kept a base exactly where one is added
+                if fixed.base is not None:
+                    values += fixed.base[at]
                 truth = fixed.truth[at]
             else:
+                if self._adds_coarser(j):
+                    values += self.model.evaluate_blocks(j, part, j + 1)
                 truth = self.source.level_blocks(j, layout.unravel(j, part))
             sums = sums.add(block_sums(values, truth, layout.valid_mask(j, part), self.iou))
         return sums
