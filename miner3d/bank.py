@@ -160,13 +160,15 @@ class MLPBank:
         self,
         coords: torch.Tensor,
         rows: slice,
-        losses_of: Callable[[torch.Tensor], torch.Tensor],
+        losses_of: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
         grads: list[torch.Tensor],
     ) -> torch.Tensor:
-        """Forward and backward of rows ``rows`` with SIREN's derivatives written out:
-        autograd runs only through ``losses_of(out)``, which takes the rows' outputs ``(r, P,
-        out_features)`` and returns their losses ``(r,)``. The gradients of the losses' sum
-        go into ``grads[i][rows]`` (one buffer ``(n, ...)`` per parameter) straight from the
+        """Forward and backward of rows ``rows`` with SIREN's derivatives written out, no
+        autograd: ``losses_of(out)`` takes the rows' outputs ``(r, out_features, P)``
+        (samples last) and returns their losses ``(r,)`` and the gradient of the losses' sum
+        by ``out``, the same shape (:func:`miner3d.losses.mse`; any loss through
+        :func:`miner3d.losses.autograd_losses`). The gradients by the parameters go into
+        ``grads[i][rows]`` (one buffer ``(n, ...)`` per parameter) straight from the
         products, the sine's ``w0`` folded into its saved derivative: 1.1-1.2x faster a step
         on a CPU than autograd through :meth:`forward` before the fused passes
         (``scripts/bench_bank.py``), and fewer kernels on a GPU.
@@ -179,14 +181,15 @@ class MLPBank:
             params = [torch.cat([p, p]) for p in params]
         last = len(params) // 2 - 1
         saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        out = self._layers(params, coords, saved)[:r].detach().requires_grad_()
-        losses = losses_of(out.transpose(1, 2))
-        losses.sum().backward()
-        # a fresh (rows, out, P) buffer for the gradient, whatever strides autograd gave its
-        # size-1 axes: the CPU's bmm picks its kernel by the strides, size-1 axes included,
-        # and on some CPUs (AMD Zen 5 with MKL) two kernels round differently
-        g = out.new_zeros((params[0].shape[0], *out.shape[1:]))
-        g[:r] = out.grad
+        out = self._layers(params, coords, saved)[:r]
+        losses, grad = losses_of(out)
+        g = grad
+        if len(params[0]) != r or grad.stride() != out.stride():
+            # a fresh (rows, out, P) buffer, whatever strides the gradient's size-1 axes
+            # have: the CPU's bmm picks its kernel by the strides, size-1 axes included,
+            # and on some CPUs (AMD Zen 5 with MKL) two kernels round differently
+            g = out.new_zeros((params[0].shape[0], *out.shape[1:]))
+            g[:r] = grad
         for layer in range(last, -1, -1):  # g: the loss's gradient by the layer's x W + b
             x, w, _ = saved[layer]
             gw, gb = grads[2 * layer][rows], grads[2 * layer + 1][rows]  # (r, in, out), (r, 1, out)
@@ -286,14 +289,15 @@ class BankAdam:
         self,
         chunk: int,
         coords: torch.Tensor,
-        block_losses: Callable[[slice, torch.Tensor], torch.Tensor],
+        block_losses: Callable[[slice, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
     ) -> torch.Tensor:
         """Forward and backward over the bank at local coordinates ``coords`` ``(P, d)``,
         ``chunk`` rows at a time (:meth:`MLPBank.train_chunk`). ``block_losses(rows, out)``
-        takes rows ``rows``'s outputs ``(r, P, out_features)`` and returns their losses
-        ``(r,)``. The gradients of the losses' sum go into :attr:`grads`, then set as the
-        parameters' ``.grad``: nothing the bank's size is allocated per chunk. Returns every
-        row's loss ``(n,)``, detached. Memory: one chunk's activations."""
+        takes rows ``rows``'s outputs ``(r, out_features, P)`` and returns their losses
+        ``(r,)`` and the gradient of their sum by ``out``. The gradients by the parameters go
+        into :attr:`grads`, then set as the parameters' ``.grad``: nothing the bank's size is
+        allocated per chunk. Returns every row's loss ``(n,)``, detached. Memory: one
+        chunk's activations."""
         bank, n = self.bank, len(self.bank)
         if n == 0:
             return torch.zeros(0, device=bank.params[0].device)

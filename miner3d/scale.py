@@ -18,6 +18,7 @@ import torch
 from .bank import BankAdam, BankShape, MLPBank
 from .checkpoint import CURRENT, Checkpoint, prefixed
 from .config import FitConfig
+from .losses import masked_mse, mse
 from .metrics import MetricSums
 from .targets import MeasureRows, Residuals, ScaleTargets, compact
 
@@ -162,26 +163,22 @@ class ScaleState:
         own; it is set as the bank's ``.grad`` (:meth:`BankAdam.backward`: 3.5x faster on a
         CPU with 2^14-2^15-sample chunks than with 2^19, where the activations leave the
         caches). Memory: one chunk's activations."""
-        channels = self.opt.bank.shape.out_features
         coords = coords if pick is None else coords[pick]
 
-        def block_mse(rows: slice, out: torch.Tensor) -> torch.Tensor:
+        def block_mse(rows: slice, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             cache = None if self.targets is None else self.targets[rows]
             target = residuals.at(self.scale, self.live_ids[rows], cache, pick)
-            out = out.transpose(1, 2)
-            err2 = (out - target).square()
-            mse = err2.flatten(1).mean(dim=1)
+            at = None
             if len(self.partial_ids):  # blocks reaching into the padding: real samples only
                 ids = self.live_ids[rows]
                 at = torch.nonzero(torch.isin(ids, self.partial_ids)).squeeze(1)
-                if len(at):
-                    masks = self.partial_masks[torch.searchsorted(self.partial_ids, ids[at])]
-                    if pick is not None:
-                        masks = masks[:, pick]
-                    real = masks.sum(dim=1).clamp(min=1) * channels
-                    sse = (err2[at] * masks.unsqueeze(1)).flatten(1).sum(dim=1)
-                    mse = mse.index_put((at,), sse / real)
-            return mse
+            if at is None or not len(at):
+                return mse(out, target)
+            masks = self.partial_masks[torch.searchsorted(self.partial_ids, ids[at])]
+            masks = masks if pick is None else masks[:, pick]
+            part, part_grad = masked_mse(out[at], target[at], masks.to(out.dtype))
+            losses, grad = mse(out, target)
+            return losses.index_put_((at,), part), grad.index_put_((at,), part_grad)
 
         return self.opt.backward(max(1, batch_samples // coords.shape[0]), coords, block_mse)
 

@@ -34,6 +34,7 @@ import torch
 from miner3d.bank import BankAdam, BankShape, MLPBank
 from miner3d.config import FitConfig
 from miner3d.fused import sin_cos
+from miner3d.losses import mse
 from miner3d.memory import tune_heap
 
 CASES = {
@@ -99,11 +100,11 @@ def step_time(case: tuple, device: torch.device, repeat: int, chunk: int) -> tup
     bank = MLPBank.create(shape, blocks, device, torch.Generator().manual_seed(0))
     adam = BankAdam(bank, 1e-3)
     coords = torch.rand(points, d, device=device) * 2 - 1
-    target = torch.rand(blocks, points, out, device=device)
+    target = torch.rand(blocks, out, points, device=device)
     rows_per_chunk = max(1, chunk // points)
 
-    def block_losses(rows: slice, out: torch.Tensor) -> torch.Tensor:
-        return (out - target[rows]).square().flatten(1).mean(1)
+    def block_losses(rows: slice, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return mse(out, target[rows])
 
     times = []
     for _ in range(repeat + 2):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from miner3d.bank import BankAdam, BankShape, MLPBank
+from miner3d.losses import mse
 
 
 def test_bank_shapes_and_parameter_count():
@@ -48,8 +49,8 @@ def test_adam_keep_shrinks_parameters_and_state():
     assert opt.step_count == 2
 
 
-def _mse(target: torch.Tensor, rows: slice, out: torch.Tensor) -> torch.Tensor:
-    return (out - target[rows]).square().flatten(1).mean(1)
+def _mse(target: torch.Tensor, rows: slice, out: torch.Tensor):
+    return mse(out, target[rows].transpose(1, 2))
 
 
 def _autograd_grads(bank: MLPBank, coords: torch.Tensor, target: torch.Tensor):
@@ -90,9 +91,7 @@ def test_written_out_gradients_are_the_same_in_any_company(shape: BankShape):
 
     def grads(rows: slice) -> tuple[torch.Tensor, list[torch.Tensor]]:
         buffers = [torch.zeros_like(p) for p in bank.params]
-        losses = bank.train_chunk(
-            coords, rows, lambda out: (out - target[rows]).square().flatten(1).mean(1), buffers
-        )
+        losses = bank.train_chunk(coords, rows, partial(_mse, target, rows), buffers)
         return losses, [b[rows] for b in buffers]
 
     all_losses, all_grads = grads(slice(0, 9))

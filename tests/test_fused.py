@@ -13,6 +13,7 @@ import torch
 
 from miner3d import fused
 from miner3d.bank import BankAdam, BankShape, MLPBank
+from miner3d.losses import autograd_losses, mse
 
 
 def _inputs(n: int, bound: float, seed: int = 0) -> torch.Tensor:
@@ -120,7 +121,7 @@ def test_the_step_agrees_with_torchs_path():
     def run() -> tuple[torch.Tensor, list[torch.Tensor]]:
         bank = MLPBank.for_blocks(shape, torch.arange(9), 0, 0)
         opt = BankAdam(bank, 1e-3)
-        loss = opt.backward(4, coords, lambda rows, out: (out - target[rows]).square().mean((1, 2)))
+        loss = opt.backward(4, coords, lambda rows, out: mse(out, target[rows].transpose(1, 2)))
         grads = [p.grad.clone() for p in bank.params]
         opt.step()
         return loss, grads + [p.detach() for p in bank.params]
@@ -159,9 +160,10 @@ def test_blocks_still_do_not_share_a_step():
     target[2] = 1.0
 
     def losses(rows: slice, out: torch.Tensor) -> torch.Tensor:
-        return (out - target[rows]).square().mean((1, 2)) * (torch.arange(4)[rows] == 2)
+        err = out - target[rows].transpose(1, 2)
+        return err.square().mean((1, 2)) * (torch.arange(4)[rows] == 2)
 
-    opt.backward(4, coords, partial(losses))
+    opt.backward(4, coords, lambda rows, out: autograd_losses(partial(losses, rows))(out))
     opt.step()
     for p, q in zip(bank.params, before, strict=True):
         moved = (p.detach() != q).flatten(1).any(1)
