@@ -10,8 +10,9 @@ twice on a shared edge, and none is lost.
 
 from __future__ import annotations
 
-import numba
 import numpy as np
+
+from ._numba import numba
 
 
 @numba.njit(cache=True, inline="always")

@@ -8,8 +8,9 @@ queries, not for whole grids.
 
 from __future__ import annotations
 
-import numba
 import numpy as np
+
+from ._numba import numba
 
 
 @numba.njit(cache=True, parallel=True)

@@ -4,6 +4,10 @@ double precision, agreement with torch's path, and determinism."""
 from __future__ import annotations
 
 import math
+import os
+import platform
+import subprocess
+import sys
 from functools import partial
 
 import numba
@@ -169,3 +173,24 @@ def test_blocks_still_do_not_share_a_step():
         moved = (p.detach() != q).flatten(1).any(1)
         assert moved.tolist() == [False, False, True, False]
     assert np.isfinite(np.concatenate([p.detach().numpy().ravel() for p in bank.params])).all()
+
+
+@pytest.mark.slow
+def test_numba_takes_wide_vectors_on_avx512_and_keeps_the_users_features():
+    """On an x86 CPU with AVX-512 the kernels are generated without LLVM's preference for
+    256-bit vectors; a user's ``NUMBA_CPU_FEATURES`` stays as it is."""
+    import llvmlite.binding as ll
+
+    from miner3d._numba import WIDE
+
+    probe = "import miner3d._fused, numba; print(numba.config.CPU_FEATURES)"
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CPU_FEATURES"}
+    run = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
+    wide = platform.machine() == "x86_64" and bool(ll.get_host_cpu_features().get("avx512f"))
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().endswith(WIDE) == wide
+    own = ll.get_host_cpu_features().flatten()
+    env["NUMBA_CPU_FEATURES"] = own
+    run = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == own
