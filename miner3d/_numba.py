@@ -24,11 +24,11 @@ WIDE = "-prefer-256-bit"
 def _wide_vectors() -> None:
     if numba.config.CPU_FEATURES is not None or platform.machine() not in ("x86_64", "AMD64"):
         return
-    import llvmlite.binding as ll
+    from numba.core.codegen import get_host_cpu_features  # numba's own list (NUMBA_ENABLE_AVX)
 
-    features = ll.get_host_cpu_features()
-    if features.get("avx512f"):
-        numba.config.CPU_FEATURES = f"{features.flatten()},{WIDE}"
+    features = get_host_cpu_features()
+    if "+avx512f" in features.split(","):
+        numba.config.CPU_FEATURES = f"{features},{WIDE}"
 
 
 _wide_vectors()
