@@ -1,11 +1,15 @@
 """numba kernels of the bank's training step on a CPU (compiled on first use, cached on
-disk): the hidden layers' sine with its derivative, and the Adam update, each one pass.
+disk): the hidden layers' sine with its derivative, and the Adam update, each one pass; the
+thin first and last layers and the passes between the hidden layers' products
+(:mod:`miner3d.siren`).
 
-Elementwise, never reassociated: the sine's kernels only let products and sums contract to
-fused multiply-adds (``fastmath={"contract"}``, which LLVM applies alike in the vector body
-and the scalar tail), Adam not even that. So an element's result never depends on where it
-lies, on its company or on how the threads split the work; two ranks fit exactly as one
-process. On a CPU with AVX-512 the loops take 512-bit vectors (:mod:`miner3d._numba`).
+The elementwise passes are never reassociated: the sine's kernels only let products and
+sums contract to fused multiply-adds (``fastmath={"contract"}``, which LLVM applies alike in
+the vector body and the scalar tail), Adam not even that. The sums over a row's samples
+(the backward's gradients) run in vector lanes, in an order fixed by the row's length.
+So an element's result never depends on where it lies, on its company or on how the
+threads split the work; two ranks fit exactly as one process. On a CPU with AVX-512 the
+loops take 512-bit vectors (:mod:`miner3d._numba`).
 
 The sine: ``x = q pi/2 + r`` with ``|r| <= pi/4`` (Cody and Waite's reduction, pi/2 in
 three float32 parts), then Taylor polynomials of degree 9 and 10 in ``r``, swapped and
@@ -91,3 +95,116 @@ def adam(p, g, m, v, b1, a1, b2, a2, step_size, c2, eps):  # pragma: no cover - 
         m[i] = mi
         v[i] = vi
         p[i] = p[i] - step * (mi / (np.sqrt(vi / c2) + eps))
+
+
+# The thin layers and the passes between the products, each one kernel over a chunk's rows
+# (the hidden layers' square products stay with the BLAS's batched kernels, faster there).
+# A row's sums run in vector lanes (``reassoc``): the order is fixed by the row's length
+# alone, so a row's result still never depends on its place, its company or the threads.
+_SUMS = {"contract", "reassoc"}
+
+
+@numba.njit(cache=True, parallel=True, nogil=True, fastmath={"contract"})
+def first_layer(x, w, bias, scale, with_cos, sin, cos):  # pragma: no cover - numba
+    """The first layer from the shared coordinates: ``sin[i, j] = sin(scale (x^T w[i])[j] +
+    scale bias[i, 0, j])`` and ``cos = scale cos(...)`` (when ``with_cos``) for ``x`` ``(d,
+    P)``, ``w`` ``(r, d, o)``, ``bias`` ``(r, 1, o)``; ``sin``, ``cos`` ``(r, o, P)``."""
+    scale = np.float32(scale)
+    for i in numba.prange(w.shape[0]):
+        for j in range(w.shape[2]):
+            z = sin[i, j]
+            a = w[i, 0, j]
+            for p in range(x.shape[1]):
+                z[p] = a * x[0, p]
+            for k in range(1, w.shape[1]):
+                a = w[i, k, j]
+                for p in range(x.shape[1]):
+                    z[p] += a * x[k, p]
+            b = scale * bias[i, 0, j]
+            if with_cos:
+                c = cos[i, j]
+                for p in range(x.shape[1]):
+                    s, cc = _sincos(scale * z[p] + b)
+                    z[p] = s
+                    c[p] = scale * cc
+            else:
+                for p in range(x.shape[1]):
+                    z[p] = _sincos(scale * z[p] + b)[0]
+
+
+@numba.njit(cache=True, parallel=True, nogil=True, fastmath={"contract"})
+def last_layer(x, w, bias, out):  # pragma: no cover - numba
+    """The linear last layer: ``out[i] = w[i]^T x[i] + bias[i, 0]`` for ``x`` ``(r, h, P)``,
+    ``w`` ``(r, h, o)``, ``bias`` ``(r, 1, o)``, ``out`` ``(r, o, P)``."""
+    for i in numba.prange(w.shape[0]):
+        for j in range(w.shape[2]):
+            y = out[i, j]
+            a, b = w[i, 0, j], bias[i, 0, j]
+            for p in range(x.shape[2]):
+                y[p] = b + a * x[i, 0, p]
+            for k in range(1, w.shape[1]):
+                a = w[i, k, j]
+                for p in range(x.shape[2]):
+                    y[p] += a * x[i, k, p]
+
+
+@numba.njit(cache=True, parallel=True, nogil=True, fastmath=_SUMS)
+def last_backward(x, w, g, dsin, gw, gb, below, gb_below):  # pragma: no cover - numba
+    """The last layer's backward from the loss's gradient ``g`` ``(r, o, P)``: ``gw[i] = x[i]
+    g[i]^T`` ``(r, h, o)``, ``gb[i, 0] = g[i]``'s row sums, and through the sine below,
+    ``below[i] = dsin[i] * (w[i] g[i])`` ``(r, h, P)`` with its row sums in ``gb_below`` ``(r,
+    1, h)`` (the layer below's bias gradient). ``below`` may be ``dsin`` itself."""
+    for i in numba.prange(w.shape[0]):
+        for j in range(w.shape[2]):
+            s = np.float32(0)
+            for p in range(g.shape[2]):
+                s += g[i, j, p]
+            gb[i, 0, j] = s
+            for k in range(w.shape[1]):
+                s = np.float32(0)
+                for p in range(g.shape[2]):
+                    s += x[i, k, p] * g[i, j, p]
+                gw[i, k, j] = s
+        acc = np.empty(g.shape[2], np.float32)
+        for k in range(w.shape[1]):
+            y, c = below[i, k], dsin[i, k]
+            a = w[i, k, 0]
+            for p in range(g.shape[2]):
+                acc[p] = a * g[i, 0, p]
+            for j in range(1, w.shape[2]):
+                a = w[i, k, j]
+                for p in range(g.shape[2]):
+                    acc[p] += a * g[i, j, p]
+            s = np.float32(0)
+            for p in range(g.shape[2]):
+                v = c[p] * acc[p]
+                y[p] = v
+                s += v
+            gb_below[i, 0, k] = s
+
+
+@numba.njit(cache=True, parallel=True, nogil=True, fastmath=_SUMS)
+def through_sine(dsin, h, gb):  # pragma: no cover - numba
+    """``dsin *= h`` (both ``(r, h, P)``: the gradient through a hidden layer's sine, in place
+    of its saved derivative) and the rows' sums into ``gb`` ``(r, 1, h)``."""
+    for i in numba.prange(dsin.shape[0]):
+        for k in range(dsin.shape[1]):
+            s = np.float32(0)
+            for p in range(dsin.shape[2]):
+                v = dsin[i, k, p] * h[i, k, p]
+                dsin[i, k, p] = v
+                s += v
+            gb[i, 0, k] = s
+
+
+@numba.njit(cache=True, parallel=True, nogil=True, fastmath=_SUMS)
+def first_weights(x, g, gw):  # pragma: no cover - numba
+    """The first layer's weight gradient ``gw[i] = x g[i]^T`` ``(r, d, o)`` from the shared
+    coordinates ``x`` ``(d, P)`` and ``g`` ``(r, o, P)``."""
+    for i in numba.prange(g.shape[0]):
+        for j in range(g.shape[1]):
+            for k in range(x.shape[0]):
+                s = np.float32(0)
+                for p in range(x.shape[1]):
+                    s += x[k, p] * g[i, j, p]
+                gw[i, k, j] = s

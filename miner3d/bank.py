@@ -21,8 +21,9 @@ from functools import partial
 import numpy as np
 import torch
 
+from . import siren
 from .errors import MinerError
-from .fused import adam_step, sin_cos
+from .fused import adam_step
 
 
 @dataclass(frozen=True)
@@ -128,33 +129,9 @@ class MLPBank:
         coords: torch.Tensor,
         saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
     ) -> torch.Tensor:
-        """The MLPs of ``params`` at ``coords`` ``(P, d)`` or ``(n, P, d)``: hidden layers
-        ``sin(w0 (x W + b))``, the last linear. Computed with samples last, ``(n, out, in) @
-        (n, in, P)``: a layer's rows of ``P`` samples fill whole vector registers, where rows
-        of ``hidden`` features (22 = 16 + 6) leave them part-empty (1.05-1.1x a training step
-        on a CPU against rows of features, ``scripts/bench_bank.py``). A hidden layer's
-        ``w0`` is the product's ``alpha`` (``baddbmm`` at ``beta=0`` ignores its input), its
-        bias, sine and derivative one pass (:func:`miner3d.fused.sin_cos`, a numba kernel on
-        a CPU); the last layer's bias is added in place after ``bmm``. ``saved`` gets every
-        layer's input ``(n, in, P)``, its weights ``(n, in, out)`` and, for a hidden layer,
-        the sine's derivative by its unscaled pre-activation ``w0 cos(w0 (x W + b))`` ``(n,
-        out, P)`` (for the last one: the output), for :meth:`train_chunk`'s backward. Returns
-        ``(n, out, P)``."""
-        x = coords.transpose(-1, -2).expand(params[0].shape[0], *coords.shape[:-3:-1])
-        w0, last = self.shape.w0, len(params) // 2 - 1
-        for layer in range(last):
-            w, b = params[2 * layer], params[2 * layer + 1]
-            z = torch.empty(b.shape[0], b.shape[2], x.shape[2], device=x.device)  # ignored:
-            z = torch.baddbmm(z, w.transpose(1, 2), x, beta=0, alpha=w0)  # w0 (x W)
-            s, c = sin_cos(z, b, w0, saved is not None)
-            if saved is not None:
-                saved.append((x, w, c))
-            x = s
-        w, b = params[2 * last], params[2 * last + 1]
-        z = torch.bmm(w.transpose(1, 2), x).add_(b.transpose(1, 2))
-        if saved is not None:
-            saved.append((x, w, z))
-        return z
+        """The MLPs of ``params`` at ``coords`` (:func:`miner3d.siren.forward`), ``(n, out,
+        P)``."""
+        return siren.forward(params, coords, self.shape.w0, saved)
 
     def train_chunk(
         self,
@@ -179,28 +156,17 @@ class MLPBank:
         r = params[0].shape[0]
         if r == 1:
             params = [torch.cat([p, p]) for p in params]
-        last = len(params) // 2 - 1
         saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         out = self._layers(params, coords, saved)[:r]
         losses, grad = losses_of(out)
         g = grad
-        if len(params[0]) != r or grad.stride() != out.stride():
+        if len(params[0]) != r or grad.stride() != out.stride() or not grad.is_contiguous():
             # a fresh (rows, out, P) buffer, whatever strides the gradient's size-1 axes
             # have: the CPU's bmm picks its kernel by the strides, size-1 axes included,
             # and on some CPUs (AMD Zen 5 with MKL) two kernels round differently
             g = out.new_zeros((params[0].shape[0], *out.shape[1:]))
             g[:r] = grad
-        for layer in range(last, -1, -1):  # g: the loss's gradient by the layer's x W + b
-            x, w, _ = saved[layer]
-            gw, gb = grads[2 * layer][rows], grads[2 * layer + 1][rows]  # (r, in, out), (r, 1, out)
-            if len(g) == r:  # straight into the buffers' rows
-                torch.bmm(x, g.transpose(1, 2), out=gw)
-                torch.sum(g, dim=2, out=gb.view(r, -1))
-            else:  # a lone row, run as two
-                gw.copy_(torch.bmm(x, g.transpose(1, 2))[:r])
-                gb.copy_(g.sum(dim=2, keepdim=True).transpose(1, 2)[:r])
-            if layer:  # through the sine: its derivative w0 cos(...), consumed
-                g = saved[layer - 1][2].mul_(torch.bmm(w, g))
+        siren.backward(saved, g, grads, rows, coords)
         return losses.detach()
 
     @torch.no_grad()

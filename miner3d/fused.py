@@ -1,5 +1,5 @@
 """Fused passes of the bank's training step: the hidden activation ``sin(z + bias)`` with
-its derivative, and the Adam update.
+its derivative, and the Adam update (the thin layers' kernels: :mod:`miner3d.siren`).
 
 On a CPU, without autograd, each is one numba pass (:mod:`miner3d._fused`): the sine and
 its cosine 4.5-6x faster than ``torch.sin`` then ``torch.cos``, Adam 4-6x faster than its

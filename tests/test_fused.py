@@ -115,18 +115,31 @@ def test_the_adam_kernel_agrees_with_torch_and_is_deterministic():
     assert torch.equal(part[0], kernel[0][13:2013])  # bitwise, wherever it lies
 
 
-def test_the_step_agrees_with_torchs_path():
-    """BankAdam.backward and step with the kernels, and with torch's functions (the GPU's
-    path): the same losses and gradients to float32 rounding."""
-    shape = BankShape(2, 20, 3, 3, 30.0)
-    coords = torch.rand(64, 2, generator=torch.Generator().manual_seed(1)) * 2 - 1
-    target = torch.rand(9, 64, 3, generator=torch.Generator().manual_seed(2))
+@pytest.mark.parametrize(
+    "shape, points",
+    [
+        (BankShape(2, 20, 3, 3, 30.0), 64),
+        (BankShape(3, 22, 2, 1, 30.0), 128),
+        (BankShape(3, 9, 1, 2, 30.0), 37),
+    ],
+)
+def test_the_step_agrees_with_torchs_path(shape: BankShape, points: int):
+    """BankAdam.backward and step with the kernels (the thin layers and the passes between
+    the products), and with torch's functions (the GPU's path): the same losses, gradients
+    and parameters to float32 rounding, for one to three hidden layers and any sample count
+    (vector tails included), batches of one row included."""
+    d, out = shape.in_features, shape.out_features
+    coords = torch.rand(points, d, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    target = torch.rand(9, points, out, generator=torch.Generator().manual_seed(2))
 
     def run() -> tuple[torch.Tensor, list[torch.Tensor]]:
         bank = MLPBank.for_blocks(shape, torch.arange(9), 0, 0)
         opt = BankAdam(bank, 1e-3)
         loss = opt.backward(4, coords, lambda rows, out: mse(out, target[rows].transpose(1, 2)))
         grads = [p.grad.clone() for p in bank.params]
+        lone = opt.backward(1, coords, lambda rows, out: mse(out, target[rows].transpose(1, 2)))
+        assert torch.equal(lone, loss)  # a batch of one, run as two, gives the same bits
+        assert all(torch.equal(p.grad, g) for p, g in zip(bank.params, grads, strict=True))
         opt.step()
         return loss, grads + [p.detach() for p in bank.params]
 
