@@ -146,7 +146,8 @@ class MLPBank:
         by ``out``, the same shape (:func:`miner3d.losses.mse`; any loss through
         :func:`miner3d.losses.autograd_losses`). The gradients by the parameters go into
         ``grads[i][rows]`` (one buffer ``(n, ...)`` per parameter) straight from the
-        products, the sine's ``w0`` folded into its saved derivative: 1.1-1.2x faster a step
+        products and kernels (:func:`miner3d.siren.backward`), the sine's ``w0`` folded
+        into its saved derivative: 1.1-1.2x faster a step
         on a CPU than autograd through :meth:`forward` before the fused passes
         (``scripts/bench_bank.py``), and fewer kernels on a GPU.
         Like :meth:`forward`, a row's results do not depend on its company (a batch of one
