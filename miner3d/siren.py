@@ -47,6 +47,8 @@ def forward(
     ``saved``, two in all without."""
     n, last = params[0].shape[0], len(params) // 2 - 1
     kernels = _kernels(params, coords)
+    if kernels:  # outside autograd: a bank's parameters may still ask for gradients
+        params = [p.detach() for p in params]
     x = coords.transpose(-1, -2)
     if kernels:
         x = x.contiguous()
