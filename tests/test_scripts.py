@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -126,6 +127,16 @@ def test_bench_fit_harness_on_an_image(tmp_path):
     )
     lines = (tmp_path / "i.csv").read_text().splitlines()
     assert lines[0].startswith("method,lr,params,final_psnr") and len(lines) == 4
+
+
+def test_llvm_layer_kernel_agrees_with_double_precision():
+    """The LLVM IR layer prototype (product alone, and with its bias, sine and derivative)
+    computes what it claims: within 1e-4 of float64 (float32 products of pre-activations up
+    to about 150), on a tile that divides the width and one that leaves a vector tail out."""
+    for args in (("--rows", "4"), ("--hidden", "22", "--points", "32", "--rows", "2")):
+        out = _run("scripts/bench_llvm_layer.py", "--blocks", "5", "--repeat", "2", *args)
+        errors = [float(e) for e in re.findall(r"error ([0-9.e+-]+),", out)]
+        assert len(errors) == 2 and max(errors) < 1e-4, out
 
 
 def test_bench_bank_and_volume_scripts():
