@@ -149,11 +149,12 @@ def last_layer(x, w, bias, out):  # pragma: no cover - numba
 
 
 @numba.njit(cache=True, parallel=True, nogil=True, fastmath=_SUMS)
-def last_backward(x, w, g, dsin, gw, gb, below, gb_below):  # pragma: no cover - numba
+def last_backward(x, w, g, dsin, gw, gb, gb_below):  # pragma: no cover - numba
     """The last layer's backward from the loss's gradient ``g`` ``(r, o, P)``: ``gw[i] = x[i]
     g[i]^T`` ``(r, h, o)``, ``gb[i, 0] = g[i]``'s row sums, and through the sine below,
-    ``below[i] = dsin[i] * (w[i] g[i])`` ``(r, h, P)`` with its row sums in ``gb_below`` ``(r,
-    1, h)`` (the layer below's bias gradient). ``below`` may be ``dsin`` itself."""
+    ``dsin[i] *= w[i] g[i]`` ``(r, h, P)`` (in place of its saved derivative, as
+    :func:`through_sine`) with its row sums in ``gb_below`` ``(r, 1, h)`` (the layer below's
+    bias gradient)."""
     for i in numba.prange(w.shape[0]):
         for j in range(w.shape[2]):
             s = np.float32(0)
@@ -167,7 +168,7 @@ def last_backward(x, w, g, dsin, gw, gb, below, gb_below):  # pragma: no cover -
                 gw[i, k, j] = s
         acc = np.empty(g.shape[2], np.float32)
         for k in range(w.shape[1]):
-            y, c = below[i, k], dsin[i, k]
+            c = dsin[i, k]
             a = w[i, k, 0]
             for p in range(g.shape[2]):
                 acc[p] = a * g[i, 0, p]
@@ -178,7 +179,7 @@ def last_backward(x, w, g, dsin, gw, gb, below, gb_below):  # pragma: no cover -
             s = np.float32(0)
             for p in range(g.shape[2]):
                 v = c[p] * acc[p]
-                y[p] = v
+                c[p] = v
                 s += v
             gb_below[i, 0, k] = s
 

@@ -161,7 +161,7 @@ class MLPBank:
         out = self._layers(params, coords, saved)[:r]
         losses, grad = losses_of(out)
         g = grad
-        if len(params[0]) != r or grad.stride() != out.stride() or not grad.is_contiguous():
+        if len(params[0]) != r or grad.stride() != out.stride():  # out: C-contiguous
             # a fresh (rows, out, P) buffer, whatever strides the gradient's size-1 axes
             # have: the CPU's bmm picks its kernel by the strides, size-1 axes included,
             # and on some CPUs (AMD Zen 5 with MKL) two kernels round differently

@@ -91,7 +91,6 @@ def backward(
     derivatives."""
     n, last = len(g), len(saved) - 1
     r = len(grads[0][rows])
-    x0 = saved[0][0]
     if _kernels([saved[0][1]], coords) and last >= 1:
         fused._threads()
         k = fused._kernels
@@ -108,14 +107,7 @@ def backward(
         dsin = saved[last - 1][2]
         gw, gb = (t.numpy() for t in outs[last])
         k.last_backward(
-            x.numpy(),
-            w.numpy(),
-            g.numpy(),
-            dsin.numpy(),
-            gw,
-            gb,
-            dsin.numpy(),
-            outs[last - 1][1].numpy(),
+            x.numpy(), w.numpy(), g.numpy(), dsin.numpy(), gw, gb, outs[last - 1][1].numpy()
         )
         g = dsin
         for layer in range(last - 1, 0, -1):
@@ -125,7 +117,7 @@ def backward(
             dsin = saved[layer - 1][2]
             k.through_sine(dsin.numpy(), h.numpy(), outs[layer - 1][1].numpy())
             g = dsin
-        k.first_weights(x0[0].numpy(), g.numpy(), outs[0][0].numpy())
+        k.first_weights(saved[0][0][0].numpy(), g.numpy(), outs[0][0].numpy())
         if n != r:
             for i, (gw, gb) in enumerate(outs):
                 grads[2 * i][rows].copy_(gw[:r])
