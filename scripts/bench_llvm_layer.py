@@ -4,11 +4,12 @@ the package yet).
 
 The kernel computes, per block, ``z = w0 (W^T x)`` for ``W`` ``(h, h)`` and ``x`` ``(h, P)``
 (``P`` a multiple of 16), optionally followed by the step's activation ``sin(z + w0 b)`` and
-derivative ``w0 cos(z + w0 b)`` (the polynomial of :mod:`miner3d._fused` in ``<16 x float>``
-operations) on the accumulators while they are in registers. A tile of ``--rows`` output
-rows by all ``P`` samples is held in vector registers, with an IR loop over the inputs (a
-fully unrolled body let LLVM merge the tiles' loads and spill). It is built with llvmlite
-(which numba brings), compiled for this CPU, and called per thread from a numba ``prange``.
+derivative ``w0 cos(z + w0 b)`` (the reduction and polynomials of :mod:`miner3d._fused`,
+with its constants, in ``<16 x float>`` operations; without its final clamp to ``[-1, 1]``)
+on the accumulators while they are in registers. A tile of ``--rows`` output rows by all
+``P`` samples is held in vector registers, with an IR loop over the inputs (a fully
+unrolled body let LLVM merge the tiles' loads and spill). It is built with llvmlite (which
+numba brings), compiled for this CPU, and called per thread from a numba ``prange``.
 Prints the median of ``--repeat`` calls over ``--blocks`` blocks, and the error against
 double precision.
 
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import math
 import statistics
 import time
 from functools import partial
@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from llvmlite import ir
 
+from miner3d import _fused as F
 from miner3d._numba import numba
 from miner3d.fused import sin_cos
 from miner3d.memory import tune_heap
@@ -71,18 +72,17 @@ def build(h: int, points: int, rows: int, sine: bool) -> str:
     def vptr(base: ir.Value, off: ir.Value) -> ir.Value:
         return b.bitcast(b.gep(base, [off]), V.as_pointer())
 
-    def sincos(x: ir.Value) -> tuple[ir.Value, ir.Value]:
-        q = b.call(floor, [b.call(fma, [x, cv(2 / math.pi), cv(0.5)])])
-        p1, p2 = 1.5703125, 4.837512969970703125e-4
+    def sincos(x: ir.Value) -> tuple[ir.Value, ir.Value]:  # miner3d._fused._sincos's steps
+        q = b.call(floor, [b.call(fma, [x, cv(F._TWO_OVER_PI), cv(F._HALF)])])
         r = x
-        for part in (p1, p2, math.pi / 2 - p1 - p2):
+        for part in (F._P1, F._P2, F._P3):
             r = b.call(fma, [b.fneg(q), cv(part), r])
         r2 = b.fmul(r, r)
-        ps, pc = cv(1 / math.factorial(9)), cv(1 / math.factorial(10) * -1)
-        for k in (3, 2, 1):
-            ps = b.call(fma, [r2, ps, cv((-1) ** k / math.factorial(2 * k + 1))])
-        for k in (4, 3, 2, 1):
-            pc = b.call(fma, [r2, pc, cv((-1) ** k / math.factorial(2 * k))])
+        ps, pc = cv(F._S4), cv(F._C5)
+        for coef in (F._S3, F._S2, F._S1):
+            ps = b.call(fma, [r2, ps, cv(coef)])
+        for coef in (F._C4, F._C3, F._C2, F._C1):
+            pc = b.call(fma, [r2, pc, cv(coef)])
         s = b.call(fma, [b.fmul(r, r2), ps, r])
         c = b.call(fma, [r2, pc, cv(1.0)])
         m = b.fsub(q, b.fmul(cv(4.0), b.call(floor, [b.fmul(q, cv(0.25))])))
@@ -183,9 +183,9 @@ def compile_kernel(text: str):
 def _run(kern, w, x, out, alpha, bias, deriv, threads):  # pragma: no cover - numba
     n = w.shape[0]
     for t in numba.prange(threads):
-        a = w.ctypes.data
-        kern(a, x.ctypes.data, out.ctypes.data, t * n // threads, (t + 1) * n // threads, alpha,
-             bias.ctypes.data, deriv.ctypes.data)  # fmt: skip
+        start, stop = t * n // threads, (t + 1) * n // threads
+        kern(w.ctypes.data, x.ctypes.data, out.ctypes.data, start, stop, alpha, bias.ctypes.data,
+             deriv.ctypes.data)  # fmt: skip
 
 
 def median_us(f, repeat: int) -> float:

@@ -132,7 +132,7 @@ def test_bench_fit_harness_on_an_image(tmp_path):
 def test_llvm_layer_kernel_agrees_with_double_precision():
     """The LLVM IR layer prototype (product alone, and with its bias, sine and derivative)
     computes what it claims: within 1e-4 of float64 (float32 products of pre-activations up
-    to about 150), on a tile that divides the width and one that leaves a vector tail out."""
+    to about 150), at two widths and tile heights (20 by 4 rows, 22 by 2)."""
     for args in (("--rows", "4"), ("--hidden", "22", "--points", "32", "--rows", "2")):
         out = _run("scripts/bench_llvm_layer.py", "--blocks", "5", "--repeat", "2", *args)
         errors = [float(e) for e in re.findall(r"error ([0-9.e+-]+),", out)]
